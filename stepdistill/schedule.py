@@ -191,8 +191,9 @@ class VPSchedule(NoiseSchedule):
         # diffusers computes alphas_cumprod in float32; follow it so timesteps line up bit-for-bit.
         acp = torch.cumprod(1.0 - betas.float(), dim=0).double()
         if config.get("rescale_betas_zero_snr", False):
+            # alpha_bar = 0 at the last timestep, as DDIM/DDPM/LCM/TCD keep it: only v / x0 / flow
+            # predictions can be turned into x0 there (epsilon cannot, by construction).
             acp = rescale_zero_terminal_snr(acp)
-            acp[-1] = 2.0**-24  # as diffusers does, so that sigma/alpha stays finite
         return cls(acp)
 
     def alpha_bar(self, t: torch.Tensor | float) -> torch.Tensor:
