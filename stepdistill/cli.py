@@ -1,0 +1,131 @@
+"""The ``stepdistill`` command line.
+
+    stepdistill train-teacher configs/digits_teacher.yaml --output-dir runs/teacher
+    stepdistill bench digits [PIPELINE_DIR]
+    stepdistill export RUN_DIR OUTPUT_DIR
+    stepdistill sample PIPELINE_DIR --output grid.png
+
+Every subcommand imports its heavy modules lazily, so ``--help`` is instant. Bad input
+(:class:`~stepdistill.errors.StepdistillError`) is printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import StepdistillError
+
+
+def _cmd_train_teacher(args: argparse.Namespace) -> None:
+    from .digits.teacher import train_teacher
+
+    out = train_teacher(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    print(f"teacher pipeline written to {out}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .digits.bench import format_table, run_bench
+
+    results = run_bench(
+        pipeline_dir=args.pipeline_dir,
+        output_dir=args.output_dir,
+        num_samples=args.num_samples,
+        steps=tuple(args.steps),
+        guidance_scales=tuple(args.guidance_scales),
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    print(format_table(results))
+    print(f"\nwritten: {os.path.join(args.output_dir, 'bench.json')}, {os.path.join(args.output_dir, 'bench.md')}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.output_dir, ema=not args.no_ema, overwrite=args.overwrite)
+    print(f"pipeline written to {out}")
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from .sample import sample_grid
+
+    path = sample_grid(
+        args.pipeline_dir,
+        args.output,
+        class_labels=args.class_labels,
+        num_images=args.num_images,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+    )
+    print(f"sample grid written to {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepdistill",
+        description="Diffusion step distillation: few-step students from multi-step teachers, as diffusers pipelines.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train-teacher", help="train the digits teacher from a recipe and export it as a pipeline",
+                       description="Train a class-conditional digits teacher from a YAML recipe "
+                       "(configs/digits_teacher.yaml) and export its EMA weights as a diffusers pipeline.")
+    p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_teacher.yaml")
+    p.add_argument("--output-dir", default="runs/digits_teacher", help="run directory (checkpoints, logs, exported pipeline)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
+    p.set_defaults(func=_cmd_train_teacher)
+
+    p = sub.add_parser("bench", help="run a reference benchmark (digits) on a pipeline directory",
+                       description="FD and class accuracy at several step counts, with and without CFG, the noise "
+                       "floor, and images/second. Writes bench.json and bench.md.")
+    p.add_argument("benchmark", choices=["digits"], help="which benchmark")
+    p.add_argument("pipeline_dir", nargs="?", default=None, help="diffusers pipeline directory (default: the shipped digits teacher)")
+    p.add_argument("--output-dir", default="outputs/bench", help="where bench.json and bench.md are written")
+    p.add_argument("--num-samples", type=int, default=2000, help="samples per configuration (compare FD only at equal N)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10, 50], help="step counts")
+    p.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 2.0],
+                   help="CFG scales, convention uncond + w (cond - uncond); 1 = no guidance")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("export", help="export a training run's model as a diffusers pipeline directory",
+                       description="Export the (EMA) weights of a training run directory as a drop-in diffusers pipeline.")
+    p.add_argument("run_dir", help="run directory written by train-teacher / distill")
+    p.add_argument("output_dir", help="pipeline directory to write")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("sample", help="generate a sample grid PNG from a pipeline directory",
+                       description="Generate images with a class-conditional pipeline directory and save a grid PNG.")
+    p.add_argument("pipeline_dir", help="diffusers pipeline directory")
+    p.add_argument("--output", default="samples.png", help="PNG path for the grid")
+    p.add_argument("--class-labels", type=int, nargs="+", default=None, help="labels to generate (default: each class in turn)")
+    p.add_argument("--num-images", type=int, default=100, help="number of images when --class-labels is not given")
+    p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale; 1 = no guidance")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except StepdistillError as exc:
+        print(f"stepdistill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stepdistill {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
