@@ -69,9 +69,16 @@ def euler_flow_sample(
     mu: float | None = None,
     progress: bool = False,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    sigmas=None,
 ) -> torch.Tensor:
-    """Euler on dx/dsigma = u (velocity u = eps - x0) over the scheduler's sigmas."""
+    """Euler on dx/dsigma = u (velocity u = eps - x0) over the scheduler's sigmas.
+
+    ``sigmas`` (optional) are custom sigmas handed to ``scheduler.set_timesteps`` before its
+    shift, as FluxPipeline does (``np.linspace(1, 1 / n, n)``; see FluxTeacher.sampler_kwargs).
+    """
     kwargs = {"mu": mu} if mu is not None else {}
+    if sigmas is not None:
+        kwargs["sigmas"] = sigmas
     scheduler.set_timesteps(num_inference_steps, device=noise.device, **kwargs)
     sigmas = scheduler.sigmas.to(noise.device)
     x = noise
