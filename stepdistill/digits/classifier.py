@@ -133,6 +133,7 @@ def train_classifier(
         tmp = output_path + ".tmp"
         state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, tmp, metadata={"heldout_accuracy": f"{heldout_accuracy:.4f}", "seed": str(seed)})
+        os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only
         os.replace(tmp, output_path)
     return model, heldout_accuracy
 
