@@ -1,6 +1,7 @@
 """The ``stepdistill`` command line.
 
     stepdistill train-teacher configs/digits_teacher.yaml --output-dir runs/teacher
+    stepdistill train-classifier --output outputs/digits_classifier.safetensors
     stepdistill bench digits [PIPELINE_DIR]
     stepdistill export RUN_DIR OUTPUT_DIR
     stepdistill sample PIPELINE_DIR --output grid.png
@@ -23,6 +24,13 @@ def _cmd_train_teacher(args: argparse.Namespace) -> None:
 
     out = train_teacher(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     print(f"teacher pipeline written to {out}")
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> None:
+    from .digits.classifier import train_classifier
+
+    _, heldout_accuracy = train_classifier(args.output, seed=args.seed)
+    print(f"digits classifier written to {args.output} (held-out accuracy {heldout_accuracy:.4f})")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -78,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
     p.set_defaults(func=_cmd_train_teacher)
+
+    p = sub.add_parser("train-classifier", help="retrain the digits classifier that defines the digits FD",
+                       description="Retrain the digits classifier (its penultimate features define the digits FD; "
+                       "its predictions give class accuracy). The package ships these weights already.")
+    p.add_argument("--output", default="outputs/digits_classifier.safetensors", help="safetensors file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("bench", help="run a reference benchmark (digits) on a pipeline directory",
                        description="FD and class accuracy at several step counts, with and without CFG, the noise "

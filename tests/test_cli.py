@@ -1,0 +1,55 @@
+"""The command line: help, one-line errors with exit status 2, and the sample command."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from PIL import Image
+
+from stepdistill.cli import build_parser, main
+from stepdistill.export import save_class_conditional_pipeline
+
+SUBCOMMANDS = ["train-teacher", "train-classifier", "bench", "export", "sample"]
+
+
+def test_console_script_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "stepdistill.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: stepdistill " + name in capsys.readouterr().out
+
+
+def _one_line_error(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    _one_line_error(capsys, ["bench", "digits", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "b")], "does not exist")
+    _one_line_error(capsys, ["sample", str(tmp_path), "--output", str(tmp_path / "g.png")], "not a diffusers pipeline directory")
+    _one_line_error(capsys, ["train-teacher", str(tmp_path / "missing.yaml"), "--output-dir", str(tmp_path / "r")], "missing.yaml")
+    assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_sample_writes_a_grid(tmp_path, capsys):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=8, num_class_embeds=11).eval()
+    save_class_conditional_pipeline(unet, DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing"), tmp_path / "pipe")
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(tmp_path / "pipe"), "--output", str(out), "--num-images", "20", "--steps", "2",
+                 "--guidance-scale", "2"]) == 0
+    grid = Image.open(out)
+    # 10 columns x 2 rows of 8x8 digits with 1-pixel padding, zoomed 4x
+    assert grid.size == ((10 * 9 + 1) * 4, (2 * 9 + 1) * 4)
