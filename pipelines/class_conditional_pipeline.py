@@ -10,6 +10,8 @@
 # - guidance: `uncond + guidance_scale * (cond - uncond)`; guidance_scale = 1 means no guidance.
 # - the scheduler's `prediction_type` says what the network predicts; any diffusers scheduler
 #   with `set_timesteps` / `step` works (DDIM, DDPM, LCM, TCD, Euler, ...).
+# - `default_num_inference_steps` / `default_guidance_scale` (stored in model_index.json) are
+#   what a call without those arguments uses: a 2-step student samples 2 steps by default.
 
 from __future__ import annotations
 
@@ -23,24 +25,39 @@ from diffusers.utils.torch_utils import randn_tensor
 class ClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler):
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler,
+        default_num_inference_steps: int = 50,
+        default_guidance_scale: float = 1.0,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(
+            default_num_inference_steps=int(default_num_inference_steps),
+            default_guidance_scale=float(default_guidance_scale),
+        )
 
     @property
     def num_classes(self) -> int:
+        if self.unet.config.num_class_embeds is None:
+            raise ValueError("this UNet has no class embedding (num_class_embeds is None): use DDIMPipeline for unconditional models")
         return self.unet.config.num_class_embeds - 1
 
     @property
     def null_class(self) -> int:
-        return self.unet.config.num_class_embeds - 1
+        return self.num_classes
 
     def _check_labels(self, class_labels) -> torch.Tensor:
         if isinstance(class_labels, int):
             class_labels = [class_labels]
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        labels = torch.as_tensor(class_labels)
         if labels.numel() == 0:
             raise ValueError("class_labels is empty")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers; got {labels.dtype}")
+        labels = labels.to(torch.long).reshape(-1)
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"class_labels must lie in [0, {self.num_classes}); got {labels.tolist()}")
         return labels
@@ -49,16 +66,28 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: Union[int, List[int], torch.Tensor],
-        guidance_scale: float = 1.0,
+        guidance_scale: Optional[float] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         latents: Optional[torch.Tensor] = None,
         eta: float = 0.0,
     ):
+        """Sample one image per entry of ``class_labels`` (ints in ``[0, num_classes)``).
+
+        ``num_inference_steps`` / ``guidance_scale`` default to the values the directory was
+        exported with (``default_num_inference_steps`` / ``default_guidance_scale``).
+        Returns an ``ImagePipelineOutput`` whose ``images`` are PIL images, a float array of
+        shape (batch, height, width, channels) in [0, 1] ("np"), or a tensor of shape
+        (batch, channels, height, width) in [0, 1] ("pt").
+        """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
         labels = self._check_labels(class_labels).to(self._execution_device)
         batch = labels.shape[0]
         size = self.unet.config.sample_size

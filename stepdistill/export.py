@@ -1,41 +1,244 @@
-"""Export students and teachers as drop-in diffusers pipeline directories."""
+"""Export students and teachers as drop-in diffusers pipeline directories.
+
+- :func:`save_class_conditional_pipeline`: our ``ClassConditionalPipeline`` (its code travels
+  in the directory), loaded with ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)``.
+- :func:`save_unconditional_pipeline`: a stock ``DDIMPipeline`` directory, for students of
+  unconditional DDPM/DDIM teachers.
+
+Both write atomically (the directory is built next to ``output_dir`` and renamed into place),
+refuse a non-empty ``output_dir`` unless ``overwrite=True``, and write a model card.
+
+A few-step student is trained on the timesteps its exported scheduler produces:
+:func:`make_student_scheduler` builds that scheduler from the teacher's, and
+:func:`student_timesteps` reads the timesteps back from it -- distillers take their training
+timesteps from there, never from a second list.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
-PIPELINE_SOURCE = Path(__file__).resolve().parent.parent / "pipelines" / "class_conditional_pipeline.py"
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+from .errors import OutputDirError, StepdistillError
+from .model_card import Metrics, ModelCardInfo, PipelineUsage, write_model_card
+
+PIPELINE_FILE = "class_conditional_pipeline.py"
+PIPELINE_SOURCE = Path(__file__).resolve().parent.parent / "pipelines" / PIPELINE_FILE
+
+
+# -- schedulers ---------------------------------------------------------------------------------
+def make_student_scheduler(teacher_scheduler, num_steps: int):
+    """The scheduler a ``num_steps``-step student is trained for and exported with.
+
+    VP teachers (DDPM/DDIM/... configs) get a ``DDIMScheduler`` with the teacher's noise
+    schedule and ``timestep_spacing="trailing"``, so sampling starts at the last training
+    timestep (``num_steps=1`` -> ``[T-1]``; 4 -> ``[999, 749, 499, 249]`` for T = 1000).
+    Flow-matching teachers keep their ``FlowMatchEulerDiscreteScheduler`` config, whose
+    sigmas already start at pure noise.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise StepdistillError(f"num_steps must be a positive integer; got {num_steps!r}")
+    if isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher_scheduler.config)
+    else:
+        scheduler = DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing")
+    train_steps = scheduler.config.num_train_timesteps
+    if num_steps > train_steps:
+        raise StepdistillError(f"num_steps={num_steps} exceeds the teacher's {train_steps} training timesteps")
+    return scheduler
+
+
+def student_timesteps(scheduler, num_steps: int, **set_timesteps_kwargs: Any) -> torch.Tensor:
+    """The timesteps ``scheduler.set_timesteps(num_steps)`` samples at, in sampling order.
+
+    ``scheduler`` is left untouched (a copy is set). Extra keyword arguments go to
+    ``set_timesteps`` (``mu=`` for Flux-style dynamic shifting).
+    """
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(num_steps, device="cpu", **set_timesteps_kwargs)
+    return probe.timesteps.clone()
+
+
+# -- pipeline directories -------------------------------------------------------------------------
+def save_class_conditional_pipeline(
+    unet,
+    scheduler,
+    output_dir: str | os.PathLike,
+    *,
+    num_inference_steps: int | None = None,
+    guidance_scale: float = 1.0,
+    metrics: Metrics | None = None,
+    metrics_command: str | None = None,
+    model_card_info: ModelCardInfo | Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``unet`` + ``scheduler`` as a ``ClassConditionalPipeline`` directory that loads with
+    ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (pipeline code inside).
+
+    ``num_inference_steps`` / ``guidance_scale`` become the pipeline's defaults and the model
+    card's usage (``num_inference_steps`` defaults to 50, the teacher setting). ``metrics``
+    (rows of measured numbers) and ``metrics_command`` (the command that measured them) go into
+    the model card as given.
+    """
+    if getattr(unet.config, "num_class_embeds", None) is None:
+        raise StepdistillError("this UNet has no class embedding (num_class_embeds is None): use save_unconditional_pipeline")
+    steps = _check_steps(scheduler, 50 if num_inference_steps is None else num_inference_steps)
+    usage = PipelineUsage(
+        pipeline_class="ClassConditionalPipeline",
+        num_inference_steps=steps,
+        guidance_scale=float(guidance_scale),
+        num_classes=unet.config.num_class_embeds - 1,
+    )
+
+    def build(tmp: Path) -> None:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        shutil.copyfile(_pipeline_source(), tmp / PIPELINE_FILE)
+        index = {
+            "_class_name": [Path(PIPELINE_FILE).stem, "ClassConditionalPipeline"],
+            "_diffusers_version": _diffusers_version(),
+            "default_guidance_scale": usage.guidance_scale,
+            "default_num_inference_steps": usage.num_inference_steps,
+            "scheduler": ["diffusers", type(scheduler).__name__],
+            "unet": ["diffusers", type(unet).__name__],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    return _write_directory(output_dir, overwrite, build, usage, model_card_info, metrics, metrics_command)
+
+
+def save_unconditional_pipeline(
+    unet,
+    scheduler,
+    output_dir: str | os.PathLike,
+    *,
+    num_inference_steps: int | None = None,
+    metrics: Metrics | None = None,
+    metrics_command: str | None = None,
+    model_card_info: ModelCardInfo | Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an unconditional ``unet`` + ``DDIMScheduler`` as a stock ``DDIMPipeline`` directory.
+
+    The scheduler must be a ``DDIMScheduler`` (e.g. from :func:`make_student_scheduler`):
+    ``DDIMPipeline`` converts anything else to DDIM, which would change the sampled timesteps.
+    ``num_inference_steps`` goes into the model card's usage (the stock pipeline has no
+    per-directory default).
+    """
+    from diffusers import DDIMPipeline
+
+    if getattr(unet.config, "num_class_embeds", None) is not None:
+        raise StepdistillError("this UNet is class-conditional (num_class_embeds is set): use save_class_conditional_pipeline")
+    if type(scheduler) is not DDIMScheduler:
+        raise StepdistillError(
+            f"a DDIMPipeline samples with DDIMScheduler; got {type(scheduler).__name__} "
+            "(build the student's scheduler with make_student_scheduler)"
+        )
+    steps = _check_steps(scheduler, 50 if num_inference_steps is None else num_inference_steps)
+    usage = PipelineUsage(pipeline_class="DDIMPipeline", num_inference_steps=steps)
+
+    def build(tmp: Path) -> None:
+        DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+
+    return _write_directory(output_dir, overwrite, build, usage, model_card_info, metrics, metrics_command)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _check_steps(scheduler, steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise StepdistillError(f"num_inference_steps must be a positive integer; got {steps!r}")
+    train_steps = scheduler.config.get("num_train_timesteps")
+    if train_steps is not None and steps > train_steps:
+        raise StepdistillError(f"num_inference_steps={steps} exceeds the scheduler's {train_steps} training timesteps")
+    return steps
+
+
+def _write_directory(
+    output_dir: str | os.PathLike,
+    overwrite: bool,
+    build: Callable[[Path], None],
+    usage: PipelineUsage,
+    model_card_info,
+    metrics,
+    metrics_command,
+) -> Path:
+    """Build the directory in a temporary sibling, then rename it into place."""
+    out = Path(output_dir).absolute()
+    _check_output_dir(out, overwrite)
+    info = ModelCardInfo.coerce(model_card_info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it mkdir's mode
+        build(tmp)
+        write_model_card(tmp, usage, info, model_id=str(out), metrics=metrics, command=metrics_command)
+        _replace_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output directory {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputDirError(f"output directory {out} is not empty (pass overwrite=True / --overwrite to replace it)")
+
+
+def _replace_directory(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is removed only once ``new`` is in place."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old / out.name, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _pipeline_source() -> Path:
-    """The shipped pipeline file, from a source checkout or an installed wheel."""
+    """The shipped pipeline file, from an installed wheel or a source checkout."""
     try:
         from . import pipelines as installed  # wheel / editable install: stepdistill.pipelines
 
-        candidate = Path(installed.__file__).parent / "class_conditional_pipeline.py"
+        candidate = Path(installed.__file__).parent / PIPELINE_FILE
         if candidate.exists():
             return candidate
     except ImportError:
         pass
-    return PIPELINE_SOURCE
+    if PIPELINE_SOURCE.exists():
+        return PIPELINE_SOURCE
+    raise StepdistillError(f"cannot find {PIPELINE_FILE}: reinstall stepdistill (it ships as stepdistill.pipelines)")
 
 
-def save_class_conditional_pipeline(unet, scheduler, output_dir: str | os.PathLike) -> Path:
-    """Write ``unet`` + ``scheduler`` as a ClassConditionalPipeline directory that loads with
-    ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (pipeline code inside)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    scheduler.save_pretrained(out / "scheduler")
-    shutil.copyfile(_pipeline_source(), out / "class_conditional_pipeline.py")
-    index = {
-        "_class_name": ["class_conditional_pipeline", "ClassConditionalPipeline"],
-        "_diffusers_version": __import__("diffusers").__version__,
-        "unet": ["diffusers", type(unet).__name__],
-        "scheduler": ["diffusers", type(scheduler).__name__],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return out
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+__all__ = [
+    "make_student_scheduler",
+    "save_class_conditional_pipeline",
+    "save_unconditional_pipeline",
+    "student_timesteps",
+]
