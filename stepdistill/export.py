@@ -4,6 +4,8 @@
   in the directory), loaded with ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)``.
 - :func:`save_unconditional_pipeline`: a stock ``DDIMPipeline`` directory, for students of
   unconditional DDPM/DDIM teachers.
+- :func:`export_run` (``stepdistill export RUN_DIR OUTPUT_DIR``): either of the above from a
+  training run, using the settings the run recorded with :func:`export_info`.
 
 Both write atomically (the directory is built next to ``output_dir`` and renamed into place),
 refuse a non-empty ``output_dir`` unless ``overwrite=True``, and write a model card.
@@ -17,6 +19,7 @@ timesteps from there, never from a second list.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -151,6 +154,69 @@ def save_unconditional_pipeline(
     return _write_directory(output_dir, overwrite, build, usage, model_card_info, metrics, metrics_command)
 
 
+# -- training runs ------------------------------------------------------------------------------
+RUN_FILE = "run.json"
+
+
+def export_info(
+    scheduler,
+    *,
+    role: str = "unet",
+    num_inference_steps: int | None = None,
+    guidance_scale: float = 1.0,
+    model_card_info: ModelCardInfo | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """How :func:`export_run` exports a run, as JSON: trainers store it as ``run_info["export"]``
+    (it lands in ``run.json``). ``scheduler`` is the one the model samples with (for a student,
+    :func:`make_student_scheduler`'s); ``role`` is the trained role to export."""
+    config = json.loads(json.dumps(dict(scheduler.config), default=list))
+    config["_class_name"] = type(scheduler).__name__
+    return {
+        "role": role,
+        "scheduler": config,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": float(guidance_scale),
+        "model_card": dataclasses.asdict(ModelCardInfo.coerce(model_card_info)),
+    }
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    ema: bool = True,
+    overwrite: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+) -> Path:
+    """Export a training run's (EMA) model from its latest checkpoint (or ``checkpoint``) as a
+    pipeline directory: class-conditional UNets as ``ClassConditionalPipeline``, others as
+    ``DDIMPipeline``."""
+    import diffusers
+
+    from .training.checkpoint import load_trained_model
+
+    run_file = Path(run_dir) / RUN_FILE
+    if not run_file.is_file():
+        raise StepdistillError(f"{run_dir} is not a training run directory ({RUN_FILE} missing)")
+    info = json.loads(run_file.read_text()).get("export")
+    if not info:
+        raise StepdistillError(f"run {run_dir} records no export settings ('export' in {RUN_FILE}; see stepdistill.export.export_info)")
+    scheduler_config = dict(info["scheduler"])
+    scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), None)
+    if scheduler_class is None:
+        raise StepdistillError(f"run {run_dir} names an unknown scheduler class {scheduler_config.get('_class_name')!r}")
+    scheduler = scheduler_class.from_config(scheduler_config)
+    model = load_trained_model(run_dir, info.get("role", "unet"), ema=ema, checkpoint=checkpoint)
+    common = dict(
+        num_inference_steps=info.get("num_inference_steps"),
+        model_card_info=info.get("model_card"),
+        overwrite=overwrite,
+    )
+    if getattr(model.config, "num_class_embeds", None) is None:
+        return save_unconditional_pipeline(model, scheduler, output_dir, **common)
+    return save_class_conditional_pipeline(model, scheduler, output_dir, guidance_scale=info.get("guidance_scale", 1.0), **common)
+
+
 # -- helpers ------------------------------------------------------------------------------------
 def _check_steps(scheduler, steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -237,6 +303,8 @@ def _diffusers_version() -> str:
 
 
 __all__ = [
+    "export_info",
+    "export_run",
     "make_student_scheduler",
     "save_class_conditional_pipeline",
     "save_unconditional_pipeline",

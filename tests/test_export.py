@@ -83,22 +83,31 @@ def student(tmp_path_factory):
 
 
 # -- round trips in a fresh process ---------------------------------------------------------------
+def readme_snippet(directory) -> str:
+    card = (directory / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", card, re.S).group(1)
+
+
 def test_class_conditional_export_loads_without_stepdistill_and_matches_in_memory(student, tmp_path):
+    """One fresh process runs the model card's usage snippet as written, then samples with and
+    without guidance; the in-memory pipeline gives the same images."""
     unet, scheduler, out = student
+    snippet = readme_snippet(out)
+    assert "trust_remote_code=True" in snippet and f"num_inference_steps={STEPS}" in snippet
     run_fresh_python(
-        f"""
-        import numpy as np, torch
-        from diffusers import DiffusionPipeline
-        pipe = DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)
-        pipe.set_progress_bar_config(disable=True)
-        assert type(pipe).__name__ == "ClassConditionalPipeline"
-        for w in (1.0, 3.0):
-            images = pipe(class_labels=[0, 3, 9], num_inference_steps={STEPS}, guidance_scale=w,
-                          generator=torch.Generator().manual_seed(0), output_type="np").images
-            np.save(f"images_w{{w:g}}.npy", images)
-        """,
+        snippet
+        + f"""
+import numpy as np
+pipe.set_progress_bar_config(disable=True)
+assert type(pipe).__name__ == "ClassConditionalPipeline"
+for w in (1.0, 3.0):
+    images = pipe(class_labels=[0, 3, 9], num_inference_steps={STEPS}, guidance_scale=w,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.save(f"images_w{{w:g}}.npy", images)
+""",
         cwd=tmp_path,
     )
+    assert (tmp_path / "sample.png").is_file()  # written by the snippet
     pipe = in_memory_pipeline(unet, scheduler)
     for w in (1.0, 3.0):
         expected = pipe(class_labels=[0, 3, 9], num_inference_steps=STEPS, guidance_scale=w, generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -134,15 +143,6 @@ def test_unconditional_export_is_a_stock_ddim_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert np.abs(np.load(tmp_path / "images.npy") - expected).max() <= 1e-5
-
-
-def test_model_card_usage_snippet_runs_as_written(student, tmp_path):
-    _, _, out = student
-    card = (out / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    assert "trust_remote_code=True" in snippet and f"num_inference_steps={STEPS}" in snippet
-    run_fresh_python(snippet, cwd=tmp_path)
-    assert (tmp_path / "sample.png").is_file()
 
 
 # -- pipeline behaviour ---------------------------------------------------------------------------
@@ -341,3 +341,55 @@ def test_unknown_model_card_info_key_is_named(tmp_path):
     with pytest.raises(StepdistillError, match="unknown model_card_info key 'base_modle'"):
         save_class_conditional_pipeline(tiny_unet(11), teacher_scheduler(), tmp_path / "run", model_card_info={"base_modle": "x"})
     assert not any(tmp_path.iterdir())
+
+
+# -- exporting a training run ---------------------------------------------------------------------
+def write_fake_run(run_dir, raw_unet, ema_unet, export):
+    """A run directory in the trainer's layout (run.json + checkpoint with raw and EMA weights)."""
+    from safetensors.torch import save_file
+
+    checkpoint = run_dir / "checkpoint-00000010"
+    checkpoint.mkdir(parents=True)
+    save_file({f"module.{k}": v.contiguous() for k, v in raw_unet.state_dict().items()}, str(checkpoint / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema_unet.state_dict().items()}, str(checkpoint / "ema_unet.safetensors"))
+    spec = {
+        "class": f"{type(raw_unet).__module__}.{type(raw_unet).__qualname__}",
+        "config": json.loads(json.dumps(dict(raw_unet.config), default=list)),
+        "weights": "model.safetensors",
+        "ema_weights": "ema_unet.safetensors",
+    }
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 10, "ema_updates": {"unet": 10}, "roles": {"unet": spec}}))
+    (run_dir / "run.json").write_text(json.dumps({"method": "SomeMethod", **({"export": export} if export else {})}))
+
+
+def test_export_run_uses_the_recorded_scheduler_and_the_ema_weights(tmp_path):
+    from stepdistill.export import export_info, export_run
+
+    raw, ema = tiny_unet(11, seed=0), tiny_unet(11, seed=1)
+    scheduler = make_student_scheduler(teacher_scheduler(), 2)
+    info = export_info(scheduler, num_inference_steps=2, guidance_scale=1.5, model_card_info={"method": "consistency-distillation"})
+    write_fake_run(tmp_path / "run", raw, ema, json.loads(json.dumps(info)))
+
+    out = export_run(tmp_path / "run", tmp_path / "ema")
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ema.state_dict().values()))
+    assert pipe.config.default_num_inference_steps == 2 and pipe.config.default_guidance_scale == 1.5
+    assert student_timesteps(pipe.scheduler, 2).tolist() == [999, 499]
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert "consistency-distillation" in read_front_matter(out)["tags"]
+
+    raw_out = export_run(tmp_path / "run", tmp_path / "raw", ema=False)
+    loaded = UNet2DModel.from_pretrained(raw_out, subfolder="unet")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), raw.state_dict().values()))
+    with pytest.raises(OutputDirError):
+        export_run(tmp_path / "run", tmp_path / "raw")
+
+
+def test_export_run_errors_are_clear(tmp_path):
+    from stepdistill.export import export_run
+
+    with pytest.raises(StepdistillError, match="not a training run directory"):
+        export_run(tmp_path, tmp_path / "out")
+    write_fake_run(tmp_path / "run", tiny_unet(11), tiny_unet(11), export=None)
+    with pytest.raises(StepdistillError, match="records no export settings"):
+        export_run(tmp_path / "run", tmp_path / "out")
