@@ -1,0 +1,40 @@
+"""Evaluation of any diffusers pipeline directory (teacher or student): FD / FID / KID, CLIP
+score, precision / recall, per-condition diversity, latency; ``metrics.json``, a markdown table,
+a sample grid and a plot (``stepdistill eval``). See docs/evaluation.md."""
+
+from .clip import clip_score, load_local_clip
+from .conditions import Conditions, label_conditions, load_prompts, prompt_conditions
+from .distribution import fid_from_features, kid_from_features, per_condition_diversity, precision_recall
+from .features import IdentityFeatures, InceptionFeatures, extract_features, inception_features
+from .generation import EvalPipeline, generate_images, load_eval_pipeline
+from .latency import measure_latency
+from .reference import list_images, reference_features
+from .runner import run_evaluation
+from .scoring import Reference, digits_reference, score_images
+
+__all__ = [
+    "Conditions",
+    "EvalPipeline",
+    "IdentityFeatures",
+    "InceptionFeatures",
+    "Reference",
+    "clip_score",
+    "digits_reference",
+    "extract_features",
+    "fid_from_features",
+    "generate_images",
+    "inception_features",
+    "kid_from_features",
+    "label_conditions",
+    "list_images",
+    "load_eval_pipeline",
+    "load_local_clip",
+    "load_prompts",
+    "measure_latency",
+    "per_condition_diversity",
+    "precision_recall",
+    "prompt_conditions",
+    "reference_features",
+    "run_evaluation",
+    "score_images",
+]

@@ -1,0 +1,189 @@
+"""The files an evaluation writes: ``samples.png``, ``plot.png``, ``metrics.md``, ``metrics.json``.
+
+Each is written to a temporary name and renamed, ``metrics.json`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..images import save_image_grid
+
+# (key in a row, column title, digits after the point); "↓"/"↑": lower/higher is better.
+COLUMNS = [
+    ("model", "model", None),
+    ("steps", "steps", None),
+    ("guidance_scale", "guidance", 2),
+    ("gamma", "TCD gamma", 2),
+    ("nfe", "NFE", 0),
+    ("fd", "FD ↓", 2),
+    ("kid", "KID ↓", 4),
+    ("precision", "precision ↑", 3),
+    ("recall", "recall ↑", 3),
+    ("diversity", "diversity ↑", 3),
+    ("accuracy", "class accuracy ↑", 3),
+    ("clip_score", "CLIP score ↑", 2),
+    ("ms_per_image", "ms/image", 2),
+    ("images_per_second", "images/s", 1),
+    ("peak_memory_mb", "peak memory (MB)", 1),
+]
+
+PLOTTED = [
+    ("fd", "FD (lower is better)"),
+    ("kid", "KID (lower is better)"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("diversity", "per-condition diversity"),
+    ("accuracy", "class accuracy"),
+    ("clip_score", "CLIP score"),
+    ("ms_per_image", "ms per image"),
+]
+
+
+def _cell(value, digits) -> str:
+    if value is None:
+        return "–"
+    if digits is None or isinstance(value, str):
+        return str(value).replace("|", "\\|")
+    return f"{value:.{digits}f}"
+
+
+def format_table(results: dict) -> str:
+    """The rows of an evaluation as a markdown table (columns that are empty everywhere are left out)."""
+    rows = results["rows"]
+    columns = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in rows)]
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key), digits) for key, _, digits in columns) + " |")
+    floor = results.get("noise_floor")
+    if floor:
+        cells = ["real digits (noise floor)"] + ["–"] * (len(columns) - 1)
+        fd_column = [key for key, _, _ in columns].index("fd")
+        cells[fd_column] = f"{floor['fd']:.2f} ± {floor['fd_std']:.2f}"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(results: dict) -> str:
+    rows = results["rows"]
+    memory_kind = rows[0].get("peak_memory_kind") if rows else None
+    conditions = results["conditions"]
+    reference = results["reference"].get("name") or "none (no real images: no FD / KID / precision / recall)"
+    models = ", ".join(f"`{p['name']}` ({p['path']}, {p['kind']}, {p['scheduler']})" for p in results["pipelines"])
+    lines = [
+        "# Evaluation",
+        "",
+        f"Models: {models}.",
+        "",
+        f"{conditions['num_samples']} samples per row ({conditions['kind']}, {conditions['num_conditions']} conditions), "
+        f"seed {results['seed']}; features: {results['feature']}; reference: {reference}. "
+        f"Precision/recall: k = {results['pr_k']} nearest neighbours. Diversity: mean pairwise feature distance "
+        f"between samples of the same condition. Guidance: {results['guidance_convention']}. "
+        f"Latency: median of {rows[0]['latency_repeats'] if rows else '?'} calls at batch "
+        f"{rows[0]['latency_batch_size'] if rows else '?'} after one warm-up call on {results['device']} "
+        f"({results['torch_threads']} threads); NFE = denoiser evaluations per image; peak memory: {memory_kind}.",
+        "",
+        format_table(results),
+        "",
+    ]
+    real_diversity = results["reference"].get("per_condition_diversity")
+    if real_diversity is not None:
+        lines += [f"Per-condition diversity of the real images: {real_diversity:.3f}.", ""]
+    if results.get("command"):
+        lines += ["Command:", "", "```bash", results["command"], "```", ""]
+    lines += [f"Wall time: {results['wall_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def save_samples_grid(grid: list[tuple[str, torch.Tensor]], path: Path) -> str:
+    """One row per (model, configuration): the first samples of each, the same seeds in every row."""
+    height, width = grid[0][1].shape[-2:]
+    columns = max(images.shape[0] for _, images in grid)
+    channels = max(images.shape[1] for _, images in grid)
+    tiles = []
+    for _, images in grid:
+        images = images.float()
+        if images.shape[1] != channels:
+            images = images.repeat(1, channels // images.shape[1], 1, 1)
+        if tuple(images.shape[-2:]) != (height, width):
+            images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+        padding = torch.full((columns - images.shape[0], channels, height, width), -1.0)
+        tiles.append(torch.cat([images, padding]))
+    return save_image_grid(torch.cat(tiles), path, nrow=columns, upscale=max(1, 64 // max(height, width)))
+
+
+def _series_label(row: dict, results: dict) -> str:
+    label = row["model"]
+    if len(results["guidance_scales"]) > 1 and row.get("guidance_scale") is not None:
+        label += f", w={row['guidance_scale']:g}"
+    if row.get("gamma") is not None:
+        label += f", gamma={row['gamma']:g}"
+    return label
+
+
+def save_plot(results: dict, path: Path) -> str:
+    """Each metric against NFE (log scale), one line per model / guidance / gamma, on one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = results["rows"]
+    metrics = [(key, title) for key, title in PLOTTED if any(row.get(key) is not None for row in rows)]
+    ncols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    figure, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        series.setdefault(_series_label(row, results), []).append(row)
+    for axis, (key, title) in zip(axes.flat, metrics):
+        for label, members in series.items():
+            points = sorted((r["nfe"] if r.get("nfe") is not None else r["steps"], r[key]) for r in members if r.get(key) is not None)
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        if key == "fd" and results.get("noise_floor"):
+            axis.axhline(results["noise_floor"]["fd"], color="grey", linestyle="--", label="real digits (noise floor)")
+        axis.set_xscale("log", base=2)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_xlabel("NFE (denoiser evaluations per image)")
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+    for axis in list(axes.flat)[len(metrics):]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize="small")
+    figure.suptitle(f"{results['conditions']['num_samples']} samples per point, features: {results['feature']}", fontsize="medium")
+    figure.tight_layout()
+    tmp = str(path) + ".tmp.png"
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _write_text(path: Path, text: str) -> str:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return str(path)
+
+
+def write_outputs(results: dict, grid: list[tuple[str, torch.Tensor]], output_dir: Path) -> dict:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {
+        "samples": save_samples_grid(grid, output_dir / "samples.png"),
+        "plot": save_plot(results, output_dir / "plot.png"),
+        "table": str(output_dir / "metrics.md"),
+        "metrics": str(output_dir / "metrics.json"),
+        "samples_rows": [label for label, _ in grid],
+    }
+    results["outputs"] = outputs
+    _write_text(output_dir / "metrics.md", markdown_report(results))
+    _write_text(output_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
+    return outputs

@@ -1,0 +1,298 @@
+"""``stepdistill eval``: evaluate one or more pipeline directories over a sweep of step counts,
+guidance scales and (TCD) gammas, and write ``metrics.json``, ``metrics.md``, ``samples.png``
+and ``plot.png``.
+
+All input is checked (pipelines loaded, prompts read, real images listed, CLIP loaded) before
+anything is generated, and the outputs are written only at the end, ``metrics.json`` last: a
+run that fails leaves no partial ``metrics.json``. Everything except the latency columns is
+deterministic for given arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import StepdistillError
+from .conditions import Conditions, label_conditions, load_prompts, prompt_conditions, unconditional
+from .features import check_feature_network, extract_features, inception_features
+from .generation import EvalPipeline, generate_images, load_eval_pipeline
+from .latency import measure_latency
+from .reference import reference_features
+from .scoring import Reference, digits_reference, score_images
+
+DEFAULT_STEPS = (1, 2, 4, 50)
+CONDITIONING = {"digits": "labels", "class_conditional": "labels", "text_to_image": "prompts", "unconditional": "none"}
+GRID_COLUMNS = 10
+
+
+def _check_settings(steps, guidance_scales, gammas, batch_size, num_samples, latency_batch_size, latency_repeats) -> None:
+    if not steps or min(steps) < 1:
+        raise StepdistillError(f"steps must be positive integers; got {list(steps)}")
+    if not guidance_scales:
+        raise StepdistillError("guidance_scales is empty")
+    if any(g < 0 for g in gammas):
+        raise StepdistillError(f"TCD gamma must be >= 0; got {list(gammas)}")
+    if batch_size < 1 or latency_batch_size < 1 or latency_repeats < 1:
+        raise StepdistillError("batch sizes and latency repeats must be at least 1")
+    if num_samples is not None and num_samples < 2:
+        raise StepdistillError(f"num_samples must be at least 2; got {num_samples}")
+
+
+def _unique_names(paths: Sequence[str], names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        if len(names) != len(paths):
+            raise StepdistillError(f"got {len(names)} names for {len(paths)} pipeline directories")
+        if len(set(names)) != len(names):
+            raise StepdistillError(f"model names must be distinct; got {list(names)}")
+        return list(names)
+    result = []
+    for path in paths:
+        base = os.path.basename(os.path.normpath(os.fspath(path))) or "model"
+        name, index = base, 2
+        while name in result:
+            name, index = f"{base}_{index}", index + 1
+        result.append(name)
+    return result
+
+
+def _conditions(models: list[EvalPipeline], prompts_file, num_prompts, samples_per_prompt, class_labels, num_samples) -> Conditions:
+    kinds = {CONDITIONING[m.kind] for m in models}
+    if len(kinds) > 1:
+        listing = ", ".join(f"{m.name}: {m.kind}" for m in models)
+        raise StepdistillError(f"pipelines evaluated together must take the same conditions; got {listing}")
+    if len({m.kind == "digits" for m in models}) > 1:
+        raise StepdistillError("digits pipelines are scored by the digits benchmark: evaluate them apart from other pipelines")
+    kind = kinds.pop()
+    if kind == "prompts":
+        if prompts_file is None:
+            raise StepdistillError("text-to-image pipelines need a prompts file (--prompts)")
+        if class_labels is not None:
+            raise StepdistillError("class labels were given for a text-to-image pipeline")
+        prompts = load_prompts(prompts_file)
+        if num_prompts is not None:
+            if num_prompts < 1:
+                raise StepdistillError(f"num_prompts must be at least 1; got {num_prompts}")
+            prompts = prompts[:num_prompts]
+        return prompt_conditions(prompts, samples_per_prompt)
+    if prompts_file is not None:
+        raise StepdistillError(f"{models[0].path} does not take prompts ({models[0].kind}): drop --prompts")
+    num_samples = 2000 if num_samples is None else num_samples
+    if kind == "none":
+        if class_labels is not None:
+            raise StepdistillError(f"{models[0].path} is unconditional: drop --class-labels")
+        return unconditional(num_samples)
+    num_classes = min(int(m.pipe.num_classes) for m in models)
+    if class_labels is None:
+        from ..digits.bench import balanced_labels
+
+        return label_conditions(balanced_labels(num_samples, num_classes))
+    chosen = torch.as_tensor(list(class_labels), dtype=torch.long)
+    if chosen.numel() == 0 or chosen.min() < 0 or chosen.max() >= num_classes:
+        raise StepdistillError(f"class labels must lie in [0, {num_classes}); got {list(class_labels)}")
+    return label_conditions(chosen[torch.arange(num_samples) % chosen.numel()])
+
+
+def _feature_network(feature, inception_weights) -> tuple[nn.Module, str]:
+    if isinstance(feature, nn.Module):
+        check_feature_network(feature)
+        return feature, type(feature).__name__
+    if feature == "digits":
+        from ..digits.classifier import feature_module
+
+        return feature_module(), "digits classifier penultimate features"
+    if feature == "inception":
+        return inception_features(inception_weights), "Inception-v3 pool (FID), clean-fid resize"
+    raise StepdistillError(f"unknown feature network {feature!r}: use auto, digits, inception or pass an nn.Module")
+
+
+def _reference(models, feature, inception_weights, real_dir, cache_dir, batch_size) -> Reference:
+    if models[0].kind == "digits":
+        if real_dir is not None or feature not in ("auto", "digits"):
+            raise StepdistillError(
+                "digits pipelines are scored like `bench digits` (digits classifier features against all real digits): "
+                "drop --real-dir / --feature"
+            )
+        return digits_reference()
+    network, name = _feature_network("inception" if feature == "auto" else feature, inception_weights)
+    if real_dir is None:
+        return Reference(network, name, None, {"name": None})
+    channels = {m.channels for m in models}
+    if len(channels) > 1:
+        raise StepdistillError(f"the pipelines make images with different channel counts: {sorted(channels)}")
+    features, info = reference_features(real_dir, network, channels=channels.pop(), cache_dir=cache_dir, batch_size=batch_size)
+    return Reference(network, name, features, {"name": os.fspath(real_dir), **info})
+
+
+def _check_clip(clip_model, conditions: Conditions):
+    if clip_model is None:
+        return None
+    if conditions.prompts is None:
+        raise StepdistillError("CLIP score needs prompts: --clip-model applies to text-to-image pipelines")
+    if isinstance(clip_model, (str, os.PathLike)):
+        from .clip import load_local_clip
+
+        return load_local_clip(clip_model)
+    return clip_model
+
+
+def _configurations(model: EvalPipeline, steps, guidance_scales, gammas) -> list[tuple[int, float | None, float | None]]:
+    scales = list(guidance_scales) if model.uses_guidance else [None]
+    model_gammas = list(gammas) if gammas and model.has_gamma else [None]
+    return [(s, w, g) for s in steps for w in scales for g in model_gammas]
+
+
+def run_evaluation(
+    pipeline_dirs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    names: Sequence[str] | None = None,
+    prompts_file: str | os.PathLike | None = None,
+    num_prompts: int | None = None,
+    samples_per_prompt: int = 4,
+    class_labels: Sequence[int] | None = None,
+    num_samples: int | None = None,
+    steps: Sequence[int] = DEFAULT_STEPS,
+    guidance_scales: Sequence[float] = (1.0,),
+    gammas: Sequence[float] = (),
+    seed: int = 0,
+    batch_size: int = 256,
+    real_dir: str | os.PathLike | None = None,
+    feature: str | nn.Module = "auto",
+    inception_weights: str | os.PathLike | None = None,
+    reference_cache_dir: str | os.PathLike | None = None,
+    clip_model=None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    latency_batch_size: int = 16,
+    latency_repeats: int = 3,
+    noise_floor: bool = True,
+    update_model_cards: bool = True,
+    command: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate pipeline directories (teacher and students side by side); returns the metrics dict.
+
+    Conditions: class labels (class-balanced over ``num_samples``, default 2000, or cycling
+    through ``class_labels``), or the prompts of ``prompts_file`` (first ``num_prompts``), each
+    generated with ``samples_per_prompt`` seeds. Digits pipelines are scored exactly as by
+    ``stepdistill bench digits``; other pipelines against the features of ``real_dir`` in the
+    ``feature`` network ("auto" = Inception; or "digits", "inception", any ``nn.Module``).
+    ``noise_floor`` (digits only): also report the FD of as many real digits as samples, as the
+    bench does. ``update_model_cards``: write each model's rows into its README.md, if it has one.
+    """
+    from tqdm.auto import tqdm
+
+    from .report import write_outputs
+
+    began = time.perf_counter()
+    if not pipeline_dirs:
+        raise StepdistillError("no pipeline directory to evaluate")
+    steps = tuple(int(s) for s in steps)
+    guidance_scales = tuple(float(w) for w in guidance_scales)
+    gammas = tuple(float(g) for g in gammas)
+    _check_settings(steps, guidance_scales, gammas, batch_size, num_samples, latency_batch_size, latency_repeats)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # Everything that can be wrong with the input is found here, before any sampling.
+    model_names = _unique_names([os.fspath(p) for p in pipeline_dirs], names)
+    models = [load_eval_pipeline(p, name, device=device) for p, name in zip(pipeline_dirs, model_names)]
+    conditions = _conditions(models, prompts_file, num_prompts, samples_per_prompt, class_labels, num_samples)
+    clip = _check_clip(clip_model, conditions)
+    reference = _reference(models, feature, inception_weights, real_dir, reference_cache_dir, batch_size)
+    reference.feature.to(device)
+
+    floor = None
+    if reference.digits and noise_floor:
+        from ..digits.bench import NOISE_FLOOR_DRAWS
+        from ..digits.classifier import feature_module
+        from ..digits.data import load_split
+        from ..metrics import noise_floor as digits_noise_floor
+
+        floor = digits_noise_floor(
+            load_split("all").images, feature_module(), num_samples=len(conditions), draws=NOISE_FLOOR_DRAWS, seed=seed
+        )
+
+    rows, grid = [], []
+    configurations = [(m, c) for m in models for c in _configurations(m, steps, guidance_scales, gammas)]
+    bar = tqdm(configurations, desc="eval", unit="config", disable=not progress)
+    latency_conditions = conditions.head(min(latency_batch_size, len(conditions)))
+    for model, (num_steps, guidance, gamma) in bar:
+        bar.set_postfix_str(f"{model.name} steps={num_steps} w={guidance} gamma={gamma}")
+        images = generate_images(model, conditions, num_steps, guidance, gamma, seed=seed, batch_size=batch_size)
+        scores = score_images(
+            images, conditions, reference, clip=clip, kid_subsets=kid_subsets,
+            kid_subset_size=kid_subset_size, pr_k=pr_k, seed=seed, batch_size=batch_size,
+        )
+        latency = measure_latency(
+            lambda: generate_images(model, latency_conditions, num_steps, guidance, gamma, seed=seed,
+                                    batch_size=len(latency_conditions)).shape[0],
+            model.denoiser, device=device, repeats=latency_repeats,
+        )
+        rows.append({"model": model.name, "steps": num_steps, "guidance_scale": guidance, "gamma": gamma,
+                     "num_samples": len(conditions), **scores, **latency})
+        grid.append((f"{model.name} steps={num_steps} w={guidance} gamma={gamma}", images[:GRID_COLUMNS]))
+
+    results = {
+        "command": command,
+        "pipelines": [
+            {"name": m.name, "path": m.path, "kind": m.kind, "scheduler": m.scheduler_name, "tcd_gamma": m.has_gamma}
+            for m in models
+        ],
+        "conditions": {
+            "kind": conditions.kind,
+            "num_samples": len(conditions),
+            "num_conditions": int(torch.unique(conditions.groups).numel()),
+            "prompts_file": None if prompts_file is None else os.fspath(prompts_file),
+        },
+        "feature": reference.feature_name,
+        "reference": reference.info,
+        "noise_floor": floor,
+        "steps": list(steps),
+        "guidance_scales": list(guidance_scales),
+        "guidance_convention": "uncond + w * (cond - uncond); w = 1 is no guidance",
+        "gammas": list(gammas),
+        "seed": seed,
+        "batch_size": batch_size,
+        "pr_k": pr_k,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - began,
+    }
+    results["outputs"] = write_outputs(results, grid, Path(output_dir))
+    if update_model_cards:
+        results["model_cards"] = _update_model_cards(models, rows, command)
+    return results
+
+
+CARD_COLUMNS = {
+    "steps": "steps", "guidance_scale": "guidance", "gamma": "TCD gamma", "nfe": "NFE", "fd": "FD",
+    "kid": "KID", "precision": "precision", "recall": "recall", "diversity": "diversity",
+    "accuracy": "class accuracy", "clip_score": "CLIP score", "ms_per_image": "ms/image",
+}
+
+
+def _update_model_cards(models: list[EvalPipeline], rows: list[dict], command: str | None) -> list[str]:
+    """Put each model's rows into the metrics table of its README.md (exported directories only)."""
+    from ..model_card import CARD_NAME, update_model_card_metrics
+
+    updated = []
+    for model in models:
+        if not os.path.isfile(os.path.join(model.path, CARD_NAME)):
+            continue
+        table = [
+            {label: row[key] for key, label in CARD_COLUMNS.items() if row.get(key) is not None}
+            for row in rows if row["model"] == model.name
+        ]
+        updated.append(str(update_model_card_metrics(model.path, table, command)))
+    return updated

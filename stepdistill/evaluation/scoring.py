@@ -1,0 +1,88 @@
+"""Scoring one set of generated images: the function every evaluation goes through.
+
+``stepdistill eval`` calls :func:`score_images` once per (model, steps, guidance, gamma), and the
+trainer's periodic evaluation calls it on its samples, so the numbers seen during training and
+after come from the same code. Digits pipelines are scored by the digits benchmark's own
+``evaluate_samples`` (FD against all real digits + class accuracy), so ``eval`` reproduces
+``bench digits``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import StepdistillError
+from .conditions import Conditions
+from .distribution import fid_from_features, kid_from_features, per_condition_diversity, precision_recall
+from .features import extract_features
+
+
+@dataclass
+class Reference:
+    """Real features to compare against, and the network that made them."""
+
+    feature: nn.Module
+    feature_name: str
+    features: torch.Tensor | None  # float64 [N, D]; None: no real images (no FD / KID / precision / recall)
+    info: dict = field(default_factory=dict)
+    digits: bool = False  # score FD + accuracy with the digits benchmark's evaluate_samples
+
+
+def digits_reference() -> Reference:
+    """All 1,797 real digits in the digits classifier's features (the bench's FD reference)."""
+    from ..digits.classifier import feature_module
+    from ..digits.data import load_split
+
+    real = load_split("all")
+    feature = feature_module()
+    features = extract_features(real.images, feature)
+    info = {
+        "name": f"all {len(real)} real digits",
+        "num_images": len(real),
+        "per_condition_diversity": per_condition_diversity(features, real.labels),
+    }
+    return Reference(feature, "digits classifier penultimate features", features, info, digits=True)
+
+
+def score_images(
+    images: torch.Tensor,
+    conditions: Conditions,
+    reference: Reference,
+    clip=None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict:
+    """Metrics of generated ``images`` ([N, C, H, W] in [-1, 1], one per condition).
+
+    Keys: ``fd``, ``kid``, ``kid_std``, ``precision``, ``recall`` (``None`` without real
+    features), ``diversity`` (mean pairwise feature distance across seeds within a condition),
+    ``accuracy`` (digits only), ``clip_score`` (when ``clip`` -- a local CLIP directory or a
+    ``(model, processor)`` pair -- is given and the conditions are prompts).
+    """
+    if images.shape[0] != len(conditions):
+        raise StepdistillError(f"got {images.shape[0]} images for {len(conditions)} conditions")
+    scores: dict = {}
+    features = extract_features(images, reference.feature, batch_size=batch_size)
+    if reference.digits:
+        from ..digits.bench import evaluate_samples
+
+        scores.update(evaluate_samples(images, conditions.labels))  # fd, accuracy: the bench's numbers
+    elif reference.features is not None:
+        scores["fd"] = fid_from_features(reference.features, features)
+    if reference.features is not None:
+        scores["kid"], scores["kid_std"] = kid_from_features(
+            reference.features, features, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+        )
+        scores.update(precision_recall(reference.features, features, k=pr_k))
+    scores["diversity"] = per_condition_diversity(features, conditions.groups)
+    if clip is not None and conditions.prompts is not None:
+        from .clip import clip_score
+
+        scores["clip_score"] = clip_score(images, conditions.prompts, clip, batch_size=batch_size)
+    return scores
