@@ -71,6 +71,56 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     print(f"sample grid written to {path}")
 
 
+def _eval_command(args: argparse.Namespace) -> str:
+    """The eval command with every option spelled out (what the model card and metrics.json record)."""
+    import shlex
+
+    parts = ["stepdistill", "eval", *args.pipeline_dirs]
+    for key, value in vars(args).items():
+        if key in ("func", "command", "pipeline_dirs") or value is None or value is False:
+            continue
+        parts.append("--" + key.replace("_", "-"))
+        if isinstance(value, list):
+            parts += [f"{v:g}" if isinstance(v, float) else str(v) for v in value]
+        elif value is not True:
+            parts.append(str(value))
+    return shlex.join(parts)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluation import run_evaluation
+    from .evaluation.report import format_table
+
+    results = run_evaluation(
+        args.pipeline_dirs,
+        args.output_dir,
+        names=args.names,
+        prompts_file=args.prompts,
+        num_prompts=args.num_prompts,
+        samples_per_prompt=args.samples_per_prompt,
+        class_labels=args.class_labels,
+        num_samples=args.num_samples,
+        steps=args.steps,
+        guidance_scales=args.guidance_scales,
+        gammas=args.gammas or (),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        real_dir=args.real_dir,
+        feature=args.feature,
+        inception_weights=args.inception_weights,
+        reference_cache_dir=args.reference_cache,
+        clip_model=args.clip_model,
+        latency_batch_size=args.latency_batch_size,
+        update_model_cards=not args.no_model_card,
+        command=_eval_command(args),
+    )
+    print(format_table(results))
+    outputs = results["outputs"]
+    print(f"\nwritten: {outputs['metrics']}, {outputs['table']}, {outputs['samples']}, {outputs['plot']}")
+    for card in results.get("model_cards", []):
+        print(f"model card updated: {card}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepdistill",
@@ -126,6 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale; 1 = no guidance")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("eval", help="evaluate pipeline directories: FD/FID, KID, precision/recall, diversity, CLIP, latency",
+                       description="Evaluate one or more diffusers pipeline directories (teacher and students side by side) "
+                       "over step counts, guidance scales and TCD gammas. Writes metrics.json, metrics.md, samples.png and "
+                       "plot.png; updates the model card of exported directories. See docs/evaluation.md.")
+    p.add_argument("pipeline_dirs", nargs="+", metavar="PIPELINE_DIR", help="diffusers pipeline directories")
+    p.add_argument("--output-dir", default="outputs/eval", help="where the four outputs are written")
+    p.add_argument("--names", nargs="+", default=None, help="model names for the table and plot (default: directory names)")
+    p.add_argument("--prompts", default=None, help="prompts file for text-to-image pipelines (.txt, .csv, .jsonl, COCO captions .json)")
+    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="seeds per prompt (per-condition diversity needs >= 2)")
+    p.add_argument("--class-labels", type=int, nargs="+", default=None, help="classes to cycle through (default: all, balanced)")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per configuration for class-conditional / "
+                   "unconditional pipelines (default 2000; compare FD only at equal N)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 50], help="step counts")
+    p.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0],
+                   help="CFG scales, convention uncond + w (cond - uncond); 1 = no guidance")
+    p.add_argument("--gammas", type=float, nargs="+", default=None, help="TCD gammas (pipelines with a TCDScheduler only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--real-dir", default=None, help="folder of real images (one size) for FID / KID / precision / recall")
+    p.add_argument("--feature", choices=["auto", "digits", "inception"], default="auto",
+                   help="feature network (auto: digits for digits pipelines, else Inception)")
+    p.add_argument("--inception-weights", default=None,
+                   help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (needs torch-fidelity)")
+    p.add_argument("--reference-cache", default=None, help="cache folder for real-image features (default ~/.cache/stepdistill)")
+    p.add_argument("--clip-model", default=None, help="local CLIP directory (CLIPModel + CLIPProcessor) for CLIP score")
+    p.add_argument("--latency-batch-size", type=int, default=16, help="fixed batch for the latency measurement")
+    p.add_argument("--no-model-card", action="store_true", help="leave the README.md of exported directories alone")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 
