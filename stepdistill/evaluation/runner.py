@@ -24,7 +24,7 @@ from .conditions import Conditions, label_conditions, load_prompts, prompt_condi
 from .features import check_feature_network, extract_features, inception_features
 from .generation import EvalPipeline, generate_images, load_eval_pipeline
 from .latency import measure_latency
-from .reference import reference_features
+from .reference import list_images, reference_features
 from .scoring import Reference, digits_reference, score_images
 
 DEFAULT_STEPS = (1, 2, 4, 50)
@@ -62,7 +62,7 @@ def _unique_names(paths: Sequence[str], names: Sequence[str] | None) -> list[str
     return result
 
 
-def _conditions(models: list[EvalPipeline], prompts_file, num_prompts, samples_per_prompt, class_labels, num_samples) -> Conditions:
+def _conditions(models: list[EvalPipeline], prompts: list[str] | None, num_prompts, samples_per_prompt, class_labels, num_samples) -> Conditions:
     kinds = {CONDITIONING[m.kind] for m in models}
     if len(kinds) > 1:
         listing = ", ".join(f"{m.name}: {m.kind}" for m in models)
@@ -71,17 +71,16 @@ def _conditions(models: list[EvalPipeline], prompts_file, num_prompts, samples_p
         raise StepdistillError("digits pipelines are scored by the digits benchmark: evaluate them apart from other pipelines")
     kind = kinds.pop()
     if kind == "prompts":
-        if prompts_file is None:
+        if prompts is None:
             raise StepdistillError("text-to-image pipelines need a prompts file (--prompts)")
         if class_labels is not None:
             raise StepdistillError("class labels were given for a text-to-image pipeline")
-        prompts = load_prompts(prompts_file)
         if num_prompts is not None:
             if num_prompts < 1:
                 raise StepdistillError(f"num_prompts must be at least 1; got {num_prompts}")
             prompts = prompts[:num_prompts]
         return prompt_conditions(prompts, samples_per_prompt)
-    if prompts_file is not None:
+    if prompts is not None:
         raise StepdistillError(f"{models[0].path} does not take prompts ({models[0].kind}): drop --prompts")
     num_samples = 2000 if num_samples is None else num_samples
     if kind == "none":
@@ -202,10 +201,14 @@ def run_evaluation(
     _check_settings(steps, guidance_scales, gammas, batch_size, num_samples, latency_batch_size, latency_repeats)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    # Everything that can be wrong with the input is found here, before any sampling.
+    # Everything that can be wrong with the input is found here, before any sampling: the
+    # cheap checks (files, folders) first, then the pipelines.
+    prompts = load_prompts(prompts_file) if prompts_file is not None else None
+    if real_dir is not None:
+        list_images(real_dir)
     model_names = _unique_names([os.fspath(p) for p in pipeline_dirs], names)
     models = [load_eval_pipeline(p, name, device=device) for p, name in zip(pipeline_dirs, model_names)]
-    conditions = _conditions(models, prompts_file, num_prompts, samples_per_prompt, class_labels, num_samples)
+    conditions = _conditions(models, prompts, num_prompts, samples_per_prompt, class_labels, num_samples)
     clip = _check_clip(clip_model, conditions)
     reference = _reference(models, feature, inception_weights, real_dir, reference_cache_dir, batch_size)
     reference.feature.to(device)
