@@ -407,3 +407,17 @@ def test_eval_of_text_to_image_pipelines_with_fid_clip_and_tcd_gamma(tiny_sd_dir
         assert (tmp_path / "eval" / name).is_file()
     assert results["reference"]["num_images"] == 10 and not results["reference"]["cache_hit"]
     assert "| teacher | 1 |" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_training_evaluator_reports_the_bench_fd_and_the_eval_metrics():
+    from stepdistill.digits.bench import evaluate_samples
+    from stepdistill.digits.data import load_split
+    from stepdistill.evaluation import make_evaluator
+
+    heldout = load_split("heldout")
+    images, labels = heldout.images[:100], heldout.labels[:100]
+    metrics = make_evaluator(kid_subsets=10)(images, labels)
+    bench = evaluate_samples(images, labels)
+    assert metrics["fd"] == bench["fd"] and metrics["accuracy"] == bench["accuracy"]
+    assert set(metrics) == {"fd", "accuracy", "kid", "kid_std", "precision", "recall", "diversity"}
+    assert metrics["precision"] == 1.0  # held-out digits are part of the reference: each is a ball's centre

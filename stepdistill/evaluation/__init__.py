@@ -10,7 +10,7 @@ from .generation import EvalPipeline, generate_images, load_eval_pipeline
 from .latency import measure_latency
 from .reference import list_images, reference_features
 from .runner import run_evaluation
-from .scoring import Reference, digits_reference, score_images
+from .scoring import Reference, digits_reference, make_evaluator, score_images
 
 __all__ = [
     "Conditions",
@@ -30,6 +30,7 @@ __all__ = [
     "load_eval_pipeline",
     "load_local_clip",
     "load_prompts",
+    "make_evaluator",
     "measure_latency",
     "per_condition_diversity",
     "precision_recall",

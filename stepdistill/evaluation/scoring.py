@@ -86,3 +86,22 @@ def score_images(
 
         scores["clip_score"] = clip_score(images, conditions.prompts, clip, batch_size=batch_size)
     return scores
+
+
+def make_evaluator(reference: Reference | None = None, **score_kwargs):
+    """An evaluator for the trainer's periodic evaluation: ``(images, labels) -> {metric: float}``
+    through :func:`score_images` (the numbers ``stepdistill eval`` reports for the same samples).
+
+    ``reference`` defaults to the digits reference (FD + accuracy as ``bench digits``); metrics
+    that do not apply (``None``) are left out.
+    """
+    from .conditions import label_conditions, unconditional
+
+    reference = reference if reference is not None else digits_reference()
+
+    def evaluate(images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+        conditions = label_conditions(labels) if labels is not None else unconditional(images.shape[0])
+        scores = score_images(images, conditions, reference, **score_kwargs)
+        return {key: float(value) for key, value in scores.items() if value is not None}
+
+    return evaluate
