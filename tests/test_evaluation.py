@@ -421,3 +421,32 @@ def test_training_evaluator_reports_the_bench_fd_and_the_eval_metrics():
     assert metrics["fd"] == bench["fd"] and metrics["accuracy"] == bench["accuracy"]
     assert set(metrics) == {"fd", "accuracy", "kid", "kid_std", "precision", "recall", "diversity"}
     assert metrics["precision"] == 1.0  # held-out digits are part of the reference: each is a ball's centre
+
+
+def test_eval_of_a_stock_unconditional_ddim_pipeline_against_a_grey_image_folder(tmp_path):
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=8)
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ddim")
+    from stepdistill.digits.data import load_split
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, image in enumerate(load_split("heldout").images[:40]):
+        Image.fromarray(((image[0] + 1) * 127.5).round().byte().numpy()).save(real / f"{i:02d}.png")
+    results = run_evaluation([tmp_path / "ddim"], tmp_path / "eval", num_samples=20, steps=(1, 2), guidance_scales=(1.0, 2.0),
+                             real_dir=real, feature="digits", reference_cache_dir=tmp_path / "cache", batch_size=8,
+                             latency_batch_size=4, latency_repeats=1, progress=False)
+    assert [(r["steps"], r["guidance_scale"], r["nfe"]) for r in results["rows"]] == [(1, None, 1), (2, None, 2)]
+    assert all(r["fd"] > 0 and "accuracy" not in r and r["diversity"] > 0 for r in results["rows"])
+    assert results["conditions"]["kind"] == "none" and results["reference"]["num_images"] == 40
+    # The real folder is read as grey images: its cached features are those of the digits themselves.
+    from stepdistill.digits.classifier import feature_module
+
+    cached, info = reference_features(real, feature_module(), channels=1, cache_dir=tmp_path / "cache")
+    assert info["cache_hit"]
+    direct = extract_features(load_split("heldout").images[:40], feature_module())
+    assert (cached - direct).abs().max() < 0.01 * direct.abs().max()  # up to the PNGs' 8-bit rounding

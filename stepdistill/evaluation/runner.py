@@ -211,7 +211,8 @@ def run_evaluation(
     conditions = _conditions(models, prompts, num_prompts, samples_per_prompt, class_labels, num_samples)
     clip = _check_clip(clip_model, conditions)
     reference = _reference(models, feature, inception_weights, real_dir, reference_cache_dir, batch_size)
-    reference.feature.to(device)
+    if not reference.digits:  # the digits classifier is shared with the bench's evaluate_samples, which runs on CPU
+        reference.feature.to(device)
 
     floor = None
     if reference.digits and noise_floor:
