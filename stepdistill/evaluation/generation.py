@@ -26,8 +26,6 @@ import torch
 from ..errors import StepdistillError
 from .conditions import Conditions
 
-KINDS = ("digits", "class_conditional", "text_to_image", "unconditional")
-
 
 @dataclass
 class EvalPipeline:
