@@ -1,0 +1,385 @@
+"""The shared trainer: one loop for teacher training and every distiller.
+
+A *method* (teacher denoising, DMD2, LCM, ...) owns named *roles* -- ``nn.Module`` s such as
+"student", "fake_score", "discriminator", or frozen ones like "teacher" -- and says which get an
+optimizer and an EMA (:class:`Role`). Its :meth:`TrainingMethod.training_step` computes losses
+and decides which role steps on which iteration through :class:`StepContext`::
+
+    def training_step(self, ctx):
+        x0 = self.images[ctx.sample_indices(len(self.images))].to(ctx.device)
+        noise = ctx.randn(*x0.shape[1:])
+        ...
+        fake_loss = ...
+        ctx.step_role("fake_score", fake_loss)          # every step
+        if ctx.step % 5 == 0:                            # two-time-scale update
+            ctx.step_role("student", generator_loss)
+        return {"fake_loss": fake_loss, ...}
+
+The trainer owns everything else: the ``accelerate.Accelerator`` (mixed precision, distributed
+data parallel), per-role AdamW optimizers and LR schedules, gradient accumulation and clipping,
+EMA, tensorboard logging, periodic evaluation with a sample grid, atomic full-state
+checkpoints, resume, and the output-directory guard.
+
+Determinism. All randomness a method draws through the context -- data order, noise,
+timesteps, label dropout -- comes from a generator seeded with (seed, step, micro-step) that
+draws the GLOBAL micro-batch; each process keeps its slice. So a resumed run ends with the same
+weights as an uninterrupted one, and N processes end with the same weights as one process at
+the same global batch (up to floating-point summation order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import EMAConfig, OptimizerConfig, TrainingConfig
+from ..errors import OutputDirError, RecipeError
+from ..images import save_image_grid
+from .checkpoint import RUN_FILE, latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from .ema import EMA
+
+# images [N, C, H, W] in [-1, 1], labels [N] or None -> named metrics
+Evaluator = Callable[[torch.Tensor, "torch.Tensor | None"], Mapping[str, float]]
+
+
+@dataclass
+class Role:
+    """A module a method owns. ``optimizer=None``: frozen (moved to the device, no gradients)."""
+
+    module: nn.Module
+    optimizer: OptimizerConfig | None = None
+    ema: EMAConfig | None = None
+
+
+class TrainingMethod:
+    """Base class of training methods (teacher denoising, distillers)."""
+
+    def roles(self) -> dict[str, Role]:
+        raise NotImplementedError
+
+    def training_step(self, ctx: "StepContext") -> dict[str, Any]:
+        """One micro-step: compute losses, call ``ctx.step_role`` for the roles that update."""
+        raise NotImplementedError
+
+    def generate_samples(self, trainer: "Trainer", num_samples: int, generator: torch.Generator):
+        """Evaluation samples ``(images in [-1, 1], labels or None)``; ``None`` skips evaluation."""
+        return None
+
+
+def seed_for(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of its parts (no Python hash randomization)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class StepContext:
+    """What a method sees during one micro-step; see the module docstring."""
+
+    def __init__(self, trainer: "Trainer", step: int, micro_step: int):
+        self.trainer = trainer
+        self.step = step  # optimizer step being computed, 0-based
+        self.micro_step = micro_step
+        self.num_micro_steps = trainer.config.gradient_accumulation_steps
+        self.accelerator = trainer.accelerator
+        self.device = trainer.accelerator.device
+        self.global_batch_size = trainer.micro_batch_size  # this micro-step, all processes
+        self.local_batch_size = trainer.micro_batch_size // trainer.accelerator.num_processes
+        start = trainer.accelerator.process_index * self.local_batch_size
+        self.local_slice = slice(start, start + self.local_batch_size)
+        self.generator = torch.Generator().manual_seed(seed_for(trainer.config.seed, "step", step, micro_step))
+
+    # -- randomness: drawn for the global micro-batch, sliced to this process ------------------
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(self.global_batch_size, *shape, generator=self.generator)[self.local_slice].to(self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(self.global_batch_size, *shape, generator=self.generator)[self.local_slice].to(self.device)
+
+    def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
+        size = (self.global_batch_size, *shape)
+        return torch.randint(low, high, size, generator=self.generator)[self.local_slice].to(self.device)
+
+    def sample_indices(self, dataset_size: int) -> torch.Tensor:
+        """This process's dataset indices: epochs of reshuffled passes, as a function of the step."""
+        first = (self.step * self.num_micro_steps + self.micro_step) * self.global_batch_size
+        positions = torch.arange(first, first + self.global_batch_size)[self.local_slice]
+        epochs, offsets = positions // dataset_size, positions % dataset_size
+        out = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            perm = self.trainer.epoch_permutation(dataset_size, epoch)
+            mask = epochs == epoch
+            out[mask] = perm[offsets[mask]]
+        return out
+
+    # -- models -------------------------------------------------------------------------------
+    def model(self, name: str) -> nn.Module:
+        """The role as prepared by accelerate (DDP-wrapped on several processes): train through this."""
+        return self.trainer.prepared[name]
+
+    def unwrap(self, name: str) -> nn.Module:
+        return self.trainer.unwrap(name)
+
+    def ema(self, name: str) -> nn.Module:
+        return self.trainer.emas[name].module
+
+    # -- updates ------------------------------------------------------------------------------
+    def step_role(self, name: str, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` into role ``name`` only; on the last micro-step also clip its
+        gradients, step its optimizer and LR schedule, zero its gradients and update its EMA."""
+        self.trainer.step_role(name, loss, last_micro_step=self.micro_step == self.num_micro_steps - 1)
+
+
+class Trainer:
+    def __init__(
+        self,
+        method: TrainingMethod,
+        config: TrainingConfig,
+        output_dir: str | os.PathLike,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        run_info: Mapping[str, Any] | None = None,
+        evaluators: list[Evaluator] | tuple[Evaluator, ...] = (),
+        log_with: str | None = "tensorboard",
+        progress: bool = True,
+    ):
+        self.method = method
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.evaluators = list(evaluators)
+        self.progress = progress
+        self.run_info = dict(run_info or {})
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=log_with,
+            project_dir=str(self.output_dir / "logs"),
+        )
+        self._check_batch_size()
+        self._claim_output_dir(resume=resume, overwrite=overwrite)
+
+        self.prepared: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.lr_schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        self.emas: dict[str, EMA] = {}
+        self.trainable_roles: list[str] = []
+        self.frozen_roles: list[str] = []
+        self._permutations: dict[tuple[int, int], torch.Tensor] = {}
+        self._build_roles(method.roles())
+
+        self.start_step = 0
+        checkpoint = latest_checkpoint(self.output_dir) if resume else None
+        if checkpoint is not None:
+            self.start_step = load_checkpoint(self, checkpoint)
+        self.last_metrics: dict[str, float] = {}
+
+    # -- setup --------------------------------------------------------------------------------
+    @property
+    def micro_batch_size(self) -> int:
+        return self.config.batch_size // self.config.gradient_accumulation_steps
+
+    def _check_batch_size(self) -> None:
+        c, n = self.config, self.accelerator.num_processes
+        if c.batch_size % (c.gradient_accumulation_steps * n) != 0:
+            raise RecipeError(
+                f"training.batch_size ({c.batch_size}) must be divisible by gradient_accumulation_steps "
+                f"({c.gradient_accumulation_steps}) x processes ({n})"
+            )
+
+    def _claim_output_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a directory holding another run unless told; every process checks before any writes."""
+        out = self.output_dir
+        holds_something = out.exists() and any(out.iterdir())
+        if out.exists() and not out.is_dir():
+            raise OutputDirError(f"output directory {out} exists and is not a directory")
+        if holds_something and not (resume or overwrite):
+            what = "a run" if (out / RUN_FILE).exists() else "other files"
+            raise OutputDirError(f"output directory {out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+        if resume and holds_something and not (out / RUN_FILE).exists() and not overwrite:
+            raise OutputDirError(f"cannot resume: {out} holds files but no run ({RUN_FILE} missing)")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            if overwrite and not resume and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(out)
+            info = {"method": type(self.method).__name__, **self.run_info}
+            (out / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        self.accelerator.wait_for_everyone()
+
+    def _build_roles(self, roles: Mapping[str, Role]) -> None:
+        device = self.accelerator.device
+        for name, role in roles.items():
+            if role.optimizer is None:
+                role.module.to(device).requires_grad_(False).eval()
+                self.prepared[name] = role.module
+                self.frozen_roles.append(name)
+                continue
+            o = role.optimizer
+            module = role.module.to(device).train()
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"role '{name}' has an optimizer but no trainable parameters")
+            optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+            # LR schedules are stepped by us, once per optimizer step: accelerate's wrapper would
+            # step them once per process, making warm-up depend on the number of processes.
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, self.config.max_steps))
+            self.prepared[name], self.optimizers[name] = self.accelerator.prepare(module, optimizer)
+            self.accelerator.register_for_checkpointing(scheduler)
+            self.lr_schedulers[name] = scheduler
+            self.trainable_roles.append(name)
+            if role.ema is not None:
+                self.emas[name] = EMA(module, decay=role.ema.decay)
+        for name in roles:
+            if name in self.emas or roles[name].ema is None:
+                continue
+            raise ValueError(f"role '{name}' asks for an EMA but has no optimizer")
+
+    def unwrap(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(self.prepared[name])
+
+    def epoch_permutation(self, dataset_size: int, epoch: int) -> torch.Tensor:
+        key = (dataset_size, epoch)
+        if key not in self._permutations:
+            if len(self._permutations) > 4:
+                self._permutations.clear()
+            g = torch.Generator().manual_seed(seed_for(self.config.seed, "epoch", epoch))
+            self._permutations[key] = torch.randperm(dataset_size, generator=g)
+        return self._permutations[key]
+
+    # -- one update ---------------------------------------------------------------------------
+    def step_role(self, name: str, loss: torch.Tensor, last_micro_step: bool) -> None:
+        if name not in self.optimizers:
+            raise ValueError(f"role '{name}' has no optimizer; trainable roles: {', '.join(self.trainable_roles)}")
+        optimizer = self.optimizers[name]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.accelerator.backward(loss / self.config.gradient_accumulation_steps, inputs=params)
+        if not last_micro_step:
+            return
+        if self.config.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
+            self._step_logs[f"grad_norm/{name}"] = float(norm)
+        optimizer.step()
+        self.lr_schedulers[name].step()
+        optimizer.zero_grad(set_to_none=True)
+        if name in self.emas:
+            self.emas[name].update(self.unwrap(name))
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """All micro-steps of optimizer step ``step``; returns the mean of the method's metrics."""
+        self._step_logs: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        k = self.config.gradient_accumulation_steps
+        for micro in range(k):
+            with contextlib.ExitStack() as stack:
+                if micro < k - 1:  # no gradient all-reduce until the last micro-step
+                    for name in self.trainable_roles:
+                        stack.enter_context(self.accelerator.no_sync(self.prepared[name]))
+                stack.enter_context(self.accelerator.autocast())
+                metrics = self.method.training_step(StepContext(self, step, micro))
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / k
+        for name, scheduler in self.lr_schedulers.items():
+            sums[f"lr/{name}"] = scheduler.get_last_lr()[0]
+        return {**sums, **self._step_logs}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        """Train from ``start_step`` to ``config.max_steps``; returns the last evaluation's metrics."""
+        c, acc = self.config, self.accelerator
+        acc.init_trackers("train", config=_flat_hparams(self.run_info))
+        bar = tqdm(
+            total=c.max_steps,
+            initial=self.start_step,
+            disable=not (self.progress and acc.is_main_process),
+            desc="train",
+            dynamic_ncols=True,
+        )
+        try:
+            for step in range(self.start_step, c.max_steps):
+                logs = self.train_step(step)
+                done = step + 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not k.startswith(("lr/", "grad_norm/"))})
+                if done % c.log_every == 0 or done == c.max_steps:
+                    acc.log(_mean_over_processes(acc, logs), step=done)
+                if (c.eval_every and done % c.eval_every == 0) or done == c.max_steps:
+                    self.evaluate(done)
+                if done % c.checkpoint_every == 0 or done == c.max_steps:
+                    save_checkpoint(self, done)
+        finally:
+            bar.close()
+            acc.end_training()
+        return self.last_metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Samples from the method (main process), a grid PNG, and the evaluators' metrics."""
+        acc = self.accelerator
+        metrics: dict[str, float] = {}
+        if acc.is_main_process:
+            generator = torch.Generator().manual_seed(seed_for(self.config.seed, "eval"))
+            with torch.no_grad():
+                samples = self.method.generate_samples(self, self.config.num_eval_samples, generator)
+            if samples is not None:
+                images, labels = samples
+                nrow = 10 if labels is not None else None
+                save_image_grid(images[:100], self.output_dir / "samples" / f"step_{step:08d}.png", nrow=nrow)
+                for evaluator in self.evaluators:
+                    metrics.update({f"eval/{k}": float(v) for k, v in evaluator(images, labels).items()})
+                if metrics:
+                    acc.log(metrics, step=step)
+                    tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        acc.wait_for_everyone()
+        self.last_metrics = metrics
+        return metrics
+
+
+def lr_lambda(o: OptimizerConfig, max_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _mean_over_processes(accelerator: Accelerator, logs: Mapping[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1 or not logs:
+        return dict(logs)
+    keys = sorted(logs)
+    values = torch.tensor([logs[k] for k in keys], device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist()))
+
+
+def _flat_hparams(info: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Tensorboard hparams take scalars only: flatten nested sections, stringify lists."""
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat_hparams(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+__all__ = ["Evaluator", "Role", "StepContext", "Trainer", "TrainingMethod", "seed_for"]
