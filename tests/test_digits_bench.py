@@ -160,6 +160,8 @@ def test_generate_samples_is_reproducible_and_independent_of_batch_size(tiny_pip
     assert speed > 0
     c, _ = generate_samples(pipe, labels, num_inference_steps=2, guidance_scale=2.0, batch_size=20, seed=1)
     assert not torch.allclose(a, c)
+    stochastic, _ = generate_samples(pipe, labels, num_inference_steps=2, guidance_scale=2.0, batch_size=20, eta=1.0)
+    assert not torch.allclose(a, stochastic)  # DDIM eta reaches the scheduler
 
 
 def test_run_bench_writes_every_configuration(tiny_pipeline_dir, tmp_path):

@@ -103,8 +103,12 @@ def generate_samples(
     guidance_scale: float = 1.0,
     batch_size: int = 256,
     seed: int = 0,
+    eta: float | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """Samples [N, 1, 8, 8] in [-1, 1] for ``labels``, and images/second.
+
+    ``eta`` goes to the scheduler's ``step`` where it takes one (DDIM's eta, TCD's gamma);
+    ``None`` keeps the pipeline's default.
 
     The initial noise depends only on ``seed`` and N (not on the batch size), so every
     configuration starts from the same noise. Speed excludes the first batch (warm-up); with a
@@ -113,6 +117,7 @@ def generate_samples(
     device = pipe.device
     num_samples = labels.shape[0]
     noise = torch.randn((num_samples, 1, IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(seed))
+    extra = {} if eta is None else {"eta": eta}
     images, timings = [], []
     for batch_index, start in enumerate(range(0, num_samples, batch_size)):
         stop = min(start + batch_size, num_samples)
@@ -126,6 +131,7 @@ def generate_samples(
             generator=step_generator,
             latents=noise[start:stop].to(device),
             output_type="pt",
+            **extra,
         ).images
         _synchronize(device)
         timings.append((stop - start, time.perf_counter() - began))
