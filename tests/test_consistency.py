@@ -1,0 +1,201 @@
+"""Consistency distillation (LCM, LCM-LoRA, PCM): export parity, phase edges, w-embedding, a
+measured training effect, and the LoRA round trip into stock SD / SDXL pipelines."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, UNet2DModel
+
+from stepdistill.config import OptimizerConfig, TrainingConfig, load_recipe
+from stepdistill.distillers.consistency import (
+    ConsistencyDistillation,
+    ConsistencyRecipe,
+    ConsistencySection,
+    save_consistency_pipeline,
+    save_lcm_lora,
+)
+from stepdistill.distillers.student import build_pipeline
+from stepdistill.errors import RecipeError
+from stepdistill.export import student_timesteps
+from stepdistill.sampling import ddim_sample
+from stepdistill.teachers.pixel import PixelUNetTeacher
+from stepdistill.training import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_pixel_teacher(seed: int = 0) -> PixelUNetTeacher:
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, num_class_embeds=11,
+    ).eval()
+    scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing")
+    return PixelUNetTeacher(unet, scheduler, pipeline_class="ClassConditionalPipeline")
+
+
+def pixel_method(section: ConsistencySection, lr: float = 1e-3, ema=None, seed: int = 0) -> ConsistencyDistillation:
+    teacher = tiny_pixel_teacher(seed)
+    g = torch.Generator().manual_seed(1)
+    data = torch.rand(64, 1, 8, 8, generator=g) * 2 - 1
+    labels = torch.arange(64) % 10
+    return ConsistencyDistillation(teacher, data, labels, section, OptimizerConfig(lr=lr), ema)
+
+
+def train(method, tmp_path, steps: int, batch_size: int = 16) -> Trainer:
+    trainer = Trainer(method, TrainingConfig(max_steps=steps, batch_size=batch_size, checkpoint_every=10_000),
+                      tmp_path / "run", log_with=None, progress=False)
+    trainer.train()
+    return trainer
+
+
+# -- LCM: export ------------------------------------------------------------------------------
+def test_lcm_export_is_an_lcm_pipeline_reproducing_the_in_memory_sampler(tmp_path):
+    method = pixel_method(ConsistencySection(method="lcm", num_solver_steps=20, num_inference_steps=4, guidance_range=(2.0, 2.0)), ema=None)
+    trainer = train(method, tmp_path, steps=2)
+    student = method.export_network(trainer)
+    out = save_consistency_pipeline(method, student, tmp_path / "pipe")
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.scheduler.config.original_inference_steps == 20
+    # the exported timesteps are on the teacher's 20-step grid and are what the pipeline runs
+    grid = method.grid.tolist()
+    exported = student_timesteps(pipe.scheduler, 4).tolist()
+    assert exported[0] == 999 and all(t in grid for t in exported)
+    labels = torch.arange(6) % 10
+    noise = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = method.sample(student, noise, method.teacher.encode(labels), generator=torch.Generator().manual_seed(4))
+    theirs = pipe(labels, latents=noise, generator=torch.Generator().manual_seed(4), output_type="pt").images
+    assert torch.allclose((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-5)
+    assert pipe.config.default_num_inference_steps == 4
+
+
+# -- PCM: phases ------------------------------------------------------------------------------
+def test_pcm_phase_edges_are_the_exported_ddim_timesteps():
+    method = pixel_method(ConsistencySection(method="pcm", num_solver_steps=20, num_phases=4))
+    assert isinstance(method.scheduler, DDIMScheduler) and method.scheduler.config.timestep_spacing == "trailing"
+    assert method.edges.tolist() == [999.0, 749.0, 499.0, 249.0, -1.0]
+    t = torch.tensor([999, 979, 759, 749, 269, 249, 19])
+    assert method.edge_below(t).tolist() == [749.0, 749.0, 749.0, 499.0, 249.0, -1.0, -1.0]
+    # f_θ at a phase's start is exactly one step of the exported DDIM sampler
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = method.teacher.encode([1, 2, 3])
+    f = method.consistency_fn(method.student, x, torch.full((3,), 999), cond, torch.ones(3))
+    one_step = copy.deepcopy(method.scheduler)
+    one_step.set_timesteps(4)
+    out = method.teacher.guided_output(x, torch.full((3,), 999), cond)
+    assert torch.allclose(f, one_step.step(out, 999, x).prev_sample, atol=1e-5)
+
+
+def test_phase_count_that_does_not_divide_the_schedule_is_a_clear_error():
+    with pytest.raises(RecipeError, match="num_phases=3 does not divide"):
+        pixel_method(ConsistencySection(method="pcm", num_solver_steps=20, num_phases=3))
+
+
+def test_pcm_training_moves_few_step_samples_onto_the_teacher_ode(tmp_path):
+    """The measured effect: after distillation the 2-step student lands closer to the teacher's
+    8-step DDIM solution from the same noise than the undistilled 2-step sampler does."""
+    method = pixel_method(ConsistencySection(method="pcm", num_solver_steps=8, num_phases=2, loss="l2"), lr=2e-3)
+    labels = torch.arange(32) % 10
+    cond = method.teacher.encode(labels)
+    noise = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    teacher_8 = ddim_sample(method.teacher, cond, noise, copy.deepcopy(method.teacher.scheduler), 8)
+
+    def gap(network):
+        return float((method.sample(network, noise, cond) - teacher_8).pow(2).mean())
+
+    before = gap(method.student)
+    trainer = train(method, tmp_path, steps=60, batch_size=32)
+    after = gap(trainer.unwrap("student"))
+    assert after < 0.5 * before, (before, after)
+
+
+# -- guidance ---------------------------------------------------------------------------------
+def test_guidance_range_needs_a_w_embedding_and_a_unet_that_takes_one():
+    with pytest.raises(RecipeError, match="w_embedding is off"):
+        pixel_method(ConsistencySection(guidance_range=(1.0, 3.0)))
+    with pytest.raises(RecipeError, match="UNet2DConditionModel"):
+        pixel_method(ConsistencySection(guidance_range=(1.0, 3.0), w_embedding=True))
+
+
+def sd_teacher(tmp_path):
+    from stepdistill.teachers import load_teacher
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
+    return load_teacher(tmp_path / "sd")
+
+
+def test_w_embedding_student_is_driven_by_the_stock_pipelines_guidance_scale(tmp_path):
+    teacher = sd_teacher(tmp_path)
+    section = ConsistencySection(num_solver_steps=10, num_inference_steps=2, guidance_range=(2.0, 4.0), w_embedding=True, w_embedding_dim=32)
+    method = ConsistencyDistillation(teacher, torch.randn(2, *teacher.sample_shape()), ["a", "b"], section, OptimizerConfig())
+    # zero-initialised w projection: the student starts as the (unguided) teacher
+    x = torch.randn(2, *teacher.sample_shape(), generator=torch.Generator().manual_seed(0))
+    cond = teacher.encode(["a", "b"])
+    with method.w_input.at(torch.tensor(3.0)):
+        start = method.consistency_fn(method.student, x, torch.tensor([999, 999]), cond, torch.full((2,), 3.0))
+    assert torch.allclose(start, method.consistency_fn(teacher.unet, x, torch.tensor([999, 999]), cond, torch.ones(2)), atol=1e-5)
+    torch.nn.init.normal_(method.student.time_embedding.cond_proj.weight, std=0.5)
+    out = save_consistency_pipeline(method, method.student, tmp_path / "pipe")
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 32
+    latents = torch.randn(1, *teacher.sample_shape(), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for w in (2.0, 4.0):
+        ours = method.sample(method.student, latents, teacher.encode(["a"]), guidance_scale=w, generator=torch.Generator().manual_seed(2))
+        theirs = pipe("a", num_inference_steps=2, guidance_scale=w, latents=latents, output_type="latent",
+                      generator=torch.Generator().manual_seed(2)).images
+        assert torch.allclose(ours, theirs, atol=1e-4)
+        results[w] = theirs
+    assert (results[2.0] - results[4.0]).abs().max() > 1e-3  # the embedding matters
+    with pytest.warns(UserWarning, match="outside the range"):
+        method.sample(method.student, latents, teacher.encode(["a"]), guidance_scale=7.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        method.sample(method.student, latents, teacher.encode(["a"]), guidance_scale=3.0)
+
+
+# -- LCM-LoRA ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_lcm_lora_round_trip_through_load_lora_weights(tmp_path, family):
+    from stepdistill.teachers import load_teacher
+
+    pipe = tiny_sd_pipeline() if family == "sd" else tiny_sdxl_pipeline()
+    pipe.save_pretrained(tmp_path / "teacher")
+    teacher = load_teacher(tmp_path / "teacher")
+    section = ConsistencySection(num_solver_steps=10, num_inference_steps=2, guidance_range=(2.0, 2.0), lora_rank=4)
+    method = ConsistencyDistillation(teacher, torch.randn(4, *teacher.sample_shape()), ["a red square", "a cat", "b", "c"],
+                                     section, OptimizerConfig(lr=5e-2))
+    assert method.ema is None  # LCM-LoRA has no target network
+    trainer = train(method, tmp_path, steps=3, batch_size=2)
+    student = trainer.unwrap("student")
+    lora_dir = save_lcm_lora(method, student, tmp_path / "lora")
+    kw = dict(num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    in_memory = build_pipeline(teacher, student, method.scheduler)("a red square", generator=torch.Generator().manual_seed(0), **kw).images
+
+    stock = type(pipe).from_pretrained(tmp_path / "teacher")
+    stock.scheduler = LCMScheduler.from_pretrained(lora_dir, subfolder="scheduler")
+    base = stock("a red square", generator=torch.Generator().manual_seed(0), **kw).images
+    stock.load_lora_weights(lora_dir)
+    loaded = stock("a red square", generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(in_memory - loaded).max() <= 1e-4
+    assert abs(in_memory - base).max() > 1e-3  # the trained LoRA changed the images
+
+
+# -- recipes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["digits_lcm.yaml", "digits_pcm.yaml"])
+def test_shipped_recipes_validate(name):
+    recipe = load_recipe(ROOT / "configs" / name, ConsistencyRecipe)
+    assert recipe.method == recipe.consistency.method
+    with pytest.raises(RecipeError, match="num_phase"):
+        load_recipe(ROOT / "configs" / name, ConsistencyRecipe, {"consistency": {"num_phase": 4}})
