@@ -1,6 +1,7 @@
 """The ``stepdistill`` command line.
 
     stepdistill train-teacher configs/digits_teacher.yaml --output-dir runs/teacher
+    stepdistill distill configs/digits_dmd2.yaml --output-dir runs/digits_dmd2
     stepdistill train-classifier --output outputs/digits_classifier.safetensors
     stepdistill bench digits [PIPELINE_DIR]
     stepdistill export RUN_DIR OUTPUT_DIR
@@ -24,6 +25,16 @@ def _cmd_train_teacher(args: argparse.Namespace) -> None:
 
     out = train_teacher(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     print(f"teacher pipeline written to {out}")
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from .distillers.distribution_matching import distill, make_ode_pairs
+
+    if args.make_pairs:
+        print(f"teacher ODE pairs written to {make_ode_pairs(args.recipe, args.make_pairs)}")
+        return
+    out = distill(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    print(f"student pipeline written to {out}")
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
@@ -136,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
     p.set_defaults(func=_cmd_train_teacher)
+
+    p = sub.add_parser("distill", help="distill a few-step student from a teacher (DMD / DMD2 recipe)",
+                       description="Train a few-step student with a distillation recipe (configs/digits_dmd2.yaml) and "
+                       "export it as a drop-in diffusers pipeline (OUTPUT_DIR/pipeline). See docs/dmd2.md.")
+    p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_dmd2.yaml")
+    p.add_argument("--output-dir", default="runs/digits_dmd2", help="run directory (checkpoints, logs, curve, exported pipeline)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
+    p.add_argument("--make-pairs", type=int, default=0, metavar="N",
+                   help="instead of training: cache N teacher ODE pairs for DMD's regression loss (dmd.regression_pairs)")
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("train-classifier", help="retrain the digits classifier that defines the digits FD",
                        description="Retrain the digits classifier (its penultimate features define the digits FD; "

@@ -1,0 +1,105 @@
+"""Pieces every distiller shares: LoRA adapters on any network, and a guard against NaN losses.
+
+LoRA goes through peft's ``inject_adapter_in_model``, which works on any ``nn.Module`` (a
+diffusers UNet2DModel has no ``add_adapter``), so the same three helpers serve every family:
+:func:`add_lora`, :func:`lora_disabled` (run the frozen base weights, e.g. the teacher under a
+LoRA fake score) and :func:`merge_lora` (fold the adapter back for export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import RecipeError, StepdistillError
+
+
+class TrainingDiverged(StepdistillError):
+    """A loss went NaN / inf: training stops, the last checkpoint on disk is the last good one."""
+
+
+def check_finite(losses: Mapping[str, torch.Tensor], step: int) -> None:
+    """Raise :class:`TrainingDiverged` naming the first non-finite loss."""
+    for name, value in losses.items():
+        if torch.is_tensor(value) and not torch.isfinite(value.detach()).all():
+            raise TrainingDiverged(
+                f"loss '{name}' is {float(value.detach().float().mean())} at step {step}: stopping; "
+                "the latest checkpoint in the run directory is the last good state (lower the learning rates "
+                "or raise max_grad_norm clipping and --resume)"
+            )
+
+
+# -- LoRA ---------------------------------------------------------------------------------------
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def add_lora(model: nn.Module, rank: int, target_modules: Sequence[str], adapter_name: str = "default", what: str = "model") -> nn.Module:
+    """Freeze ``model`` and inject a trainable LoRA of ``rank`` into the modules whose names end
+    with one of ``target_modules`` (in place; returns ``model``).
+
+    A target list that matches nothing in this network (e.g. attention projections on an
+    attention-free UNet) is a :class:`RecipeError` naming the layers it could have used.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise RecipeError(f"{what}: lora_rank must be >= 1 for a LoRA; got {rank}")
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    matched = [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
+    if not matched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise RecipeError(
+            f"{what}: LoRA target_modules {list(target_modules)} match no Linear/Conv2d layer of this "
+            f"{type(model).__name__}; its layer names include {', '.join(leaves[:12])}"
+        )
+    model.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules), init_lora_weights=True)
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    for layer in _lora_layers(model):  # inject_adapter_in_model leaves the adapters trainable
+        for p in layer.lora_A.parameters():
+            p.requires_grad_(True)
+        for p in layer.lora_B.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(_lora_layers(model))
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with its LoRA adapters switched off: the frozen base weights."""
+    layers = _lora_layers(model)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every LoRA folded into its base layer and the peft wrappers gone:
+    the stock network class again, loadable by ``from_pretrained``."""
+    from peft.tuners.lora import LoraLayer
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    return model
+
+
+__all__ = ["TrainingDiverged", "add_lora", "check_finite", "has_lora", "lora_disabled", "merge_lora"]
