@@ -1,0 +1,141 @@
+# A class-conditional pixel-space diffusion pipeline (stepdistill).
+#
+# This file is self-contained: exported pipeline directories carry a copy of it, and
+#   diffusers.DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)
+# loads it without stepdistill installed. Calling convention follows diffusers' DiTPipeline.
+#
+# Conventions:
+# - `unet` is a diffusers `UNet2DModel` with `num_class_embeds = num_classes + 1`; the last
+#   class index is the null class ("no label") used for classifier-free guidance.
+# - guidance: `uncond + guidance_scale * (cond - uncond)`; guidance_scale = 1 means no guidance.
+# - the scheduler's `prediction_type` says what the network predicts; any diffusers scheduler
+#   with `set_timesteps` / `step` works (DDIM, DDPM, LCM, TCD, Euler, ...).
+# - `default_num_inference_steps` / `default_guidance_scale` (stored in model_index.json) are
+#   what a call without those arguments uses: a 2-step student samples 2 steps by default.
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "unet"
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler,
+        default_num_inference_steps: int = 50,
+        default_guidance_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(
+            default_num_inference_steps=int(default_num_inference_steps),
+            default_guidance_scale=float(default_guidance_scale),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        if self.unet.config.num_class_embeds is None:
+            raise ValueError("this UNet has no class embedding (num_class_embeds is None): use DDIMPipeline for unconditional models")
+        return self.unet.config.num_class_embeds - 1
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def _check_labels(self, class_labels) -> torch.Tensor:
+        if isinstance(class_labels, int):
+            class_labels = [class_labels]
+        labels = torch.as_tensor(class_labels)
+        if labels.numel() == 0:
+            raise ValueError("class_labels is empty")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers; got {labels.dtype}")
+        labels = labels.to(torch.long).reshape(-1)
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class_labels must lie in [0, {self.num_classes}); got {labels.tolist()}")
+        return labels
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Union[int, List[int], torch.Tensor],
+        guidance_scale: Optional[float] = None,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        num_inference_steps: Optional[int] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: Optional[torch.Tensor] = None,
+        eta: float = 0.0,
+    ):
+        """Sample one image per entry of ``class_labels`` (ints in ``[0, num_classes)``).
+
+        ``num_inference_steps`` / ``guidance_scale`` default to the values the directory was
+        exported with (``default_num_inference_steps`` / ``default_guidance_scale``).
+        Returns an ``ImagePipelineOutput`` whose ``images`` are PIL images, a float array of
+        shape (batch, height, width, channels) in [0, 1] ("np"), or a tensor of shape
+        (batch, channels, height, width) in [0, 1] ("pt").
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
+        labels = self._check_labels(class_labels).to(self._execution_device)
+        batch = labels.shape[0]
+        size = self.unet.config.sample_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        shape = (batch, self.unet.config.in_channels, *size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
+        latents = latents.to(self._execution_device) * self.scheduler.init_noise_sigma
+
+        guided = guidance_scale != 1.0
+        if guided:
+            null = torch.full_like(labels, self.null_class)
+            model_labels = torch.cat([null, labels])
+        else:
+            model_labels = labels
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        step_kwargs = {}
+        if "eta" in _parameters(self.scheduler.step):
+            step_kwargs["eta"] = eta
+        if "generator" in _parameters(self.scheduler.step):
+            step_kwargs["generator"] = generator
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = torch.cat([latents, latents]) if guided else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            t_batch = t.expand(model_in.shape[0]) if torch.is_tensor(t) else torch.full((model_in.shape[0],), t)
+            out = self.unet(model_in, t_batch.to(model_in.device), class_labels=model_labels).sample
+            if guided:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
+
+        images = (latents / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            result = images
+        else:
+            result = images.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                result = self.numpy_to_pil(result)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (result,)
+        return ImagePipelineOutput(images=result)
+
+
+def _parameters(fn):
+    import inspect
+
+    return inspect.signature(fn).parameters
