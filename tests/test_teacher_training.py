@@ -135,3 +135,19 @@ def test_shipped_teacher_is_v_prediction_and_draws_recognizable_digits():
                   generator=torch.Generator().manual_seed(0)).images * 2 - 1  # fmt: skip
     metrics = evaluate_samples(images, labels)
     assert metrics["accuracy"] >= 0.95, metrics
+
+
+def test_interrupted_digits_run_resumes_to_the_same_weights(tmp_path):
+    constant = {**TINY, "optimizer": {"lr_scheduler": "constant", "warmup_steps": 0}, "ema": {"decay": 0.5}}
+    full = {**constant, "training": {**TINY["training"], "max_steps": 4}}
+    short = {**constant, "training": {**TINY["training"], "max_steps": 2}}
+    train_teacher(RECIPE, tmp_path / "full", overrides=full, progress=False, evaluate=False)
+    train_teacher(RECIPE, tmp_path / "split", overrides=short, progress=False, evaluate=False)
+    train_teacher(RECIPE, tmp_path / "split", resume=True, overrides=full, progress=False, evaluate=False)
+    for ema in (True, False):
+        a = load_trained_model(tmp_path / "full", "unet", ema=ema).state_dict()
+        b = load_trained_model(tmp_path / "split", "unet", ema=ema).state_dict()
+        changed = load_trained_model(tmp_path / "split", "unet", checkpoint=tmp_path / "split" / "checkpoint-00000002", ema=ema).state_dict()
+        assert any(not torch.equal(a[k], changed[k]) for k in a)  # steps 3-4 did change the weights
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+import torch
+
 from ..config import EMAConfig, OptimizerConfig, TrainingConfig, load_recipe, to_dict
 from ..errors import RecipeError
 from ..export import export_info, save_class_conditional_pipeline
@@ -147,6 +149,7 @@ def train_teacher(
     """
     recipe = load_recipe(recipe_path, DigitsTeacherRecipe, overrides)
     data = load_split("train")
+    torch.manual_seed(recipe.training.seed)  # the initial weights are part of the run's determinism
     unet = build_unet(recipe.unet)
     scheduler = build_scheduler(recipe.scheduler)
     method = DenoisingMethod(
