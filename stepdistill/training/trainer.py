@@ -280,6 +280,7 @@ class Trainer:
         """All micro-steps of optimizer step ``step``; returns the mean of the method's metrics."""
         self._step_logs: dict[str, float] = {}
         sums: dict[str, float] = {}
+        lrs = {f"lr/{name}": scheduler.get_last_lr()[0] for name, scheduler in self.lr_schedulers.items()}  # used by this step
         k = self.config.gradient_accumulation_steps
         for micro in range(k):
             with contextlib.ExitStack() as stack:
@@ -290,9 +291,7 @@ class Trainer:
                 metrics = self.method.training_step(StepContext(self, step, micro))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / k
-        for name, scheduler in self.lr_schedulers.items():
-            sums[f"lr/{name}"] = scheduler.get_last_lr()[0]
-        return {**sums, **self._step_logs}
+        return {**sums, **lrs, **self._step_logs}
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
