@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, TCDScheduler, UNet2DModel
 
 from stepdistill.config import OptimizerConfig, TrainingConfig, load_recipe
 from stepdistill.distillers.consistency import (
@@ -78,6 +78,16 @@ def test_lcm_export_is_an_lcm_pipeline_reproducing_the_in_memory_sampler(tmp_pat
     theirs = pipe(labels, latents=noise, generator=torch.Generator().manual_seed(4), output_type="pt").images
     assert torch.allclose((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-5)
     assert pipe.config.default_num_inference_steps == 4
+    # TCD sampling of the same student: same timesteps; gamma (the pipeline's eta) 0 is deterministic
+    tcd = DiffusionPipeline.from_pretrained(save_consistency_pipeline(method, student, tmp_path / "tcd", sampler="tcd"), trust_remote_code=True)
+    assert isinstance(tcd.scheduler, TCDScheduler)
+    assert student_timesteps(tcd.scheduler, 4).tolist() == exported
+
+    def run(gamma, seed):
+        return tcd(labels, latents=noise, eta=gamma, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+    assert torch.equal(run(0.0, 1), run(0.0, 2))
+    assert (run(0.5, 1) - run(0.5, 2)).abs().max() > 1e-3
 
 
 # -- PCM: phases ------------------------------------------------------------------------------
@@ -199,3 +209,52 @@ def test_shipped_recipes_validate(name):
     assert recipe.method == recipe.consistency.method
     with pytest.raises(RecipeError, match="num_phase"):
         load_recipe(ROOT / "configs" / name, ConsistencyRecipe, {"consistency": {"num_phase": 4}})
+
+
+@pytest.mark.parametrize("name", ["sd15_lcm.yaml", "sd15_lcm_lora.yaml", "sdxl_lcm_lora.yaml"])
+def test_latent_recipes_validate(name):
+    recipe = load_recipe(ROOT / "configs" / name, ConsistencyRecipe)
+    assert recipe.teacher.startswith("models/") and recipe.data.latents
+
+
+FRESH_PROCESS = r"""
+import sys, json
+sys.modules["stepdistill"] = None  # prove the exported directories need no stepdistill
+import torch
+from diffusers import DiffusionPipeline, LCMScheduler
+full, teacher, lora = sys.argv[1:4]
+pipe = DiffusionPipeline.from_pretrained(full)
+a = pipe("a cat", num_inference_steps=2, guidance_scale=5.0, output_type="np", generator=torch.Generator().manual_seed(0)).images
+stock = DiffusionPipeline.from_pretrained(teacher)
+stock.scheduler = LCMScheduler.from_pretrained(lora, subfolder="scheduler")
+stock.load_lora_weights(lora)
+b = stock("a cat", num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0)).images
+print(json.dumps({"full": [type(pipe.scheduler).__name__, pipe.unet.config.time_cond_proj_dim, float(abs(a).sum())],
+                  "lora": [type(stock.scheduler).__name__, float(abs(b).sum()), list(b.shape)]}))
+"""
+
+
+def test_latent_recipes_export_and_reload_in_a_fresh_process_without_stepdistill(tmp_path):
+    import json
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    from stepdistill.distillers.consistency import distill
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    save_file({"latents": torch.randn(4, 4, 16, 16), "prompt_index": torch.tensor([0, 1, 0, 1])}, tmp_path / "latents.safetensors")
+    common = {"data": {"latents": str(tmp_path / "latents.safetensors"), "prompts": ["a cat", "a dog"], "prompts_file": None},
+              "training": {"max_steps": 2, "batch_size": 2, "mixed_precision": "no"}}
+    lcm = {**common, "teacher": str(tmp_path / "sd"), "consistency": {"num_solver_steps": 10, "w_embedding_dim": 32}}
+    full = distill(ROOT / "configs" / "sd15_lcm.yaml", tmp_path / "full", overrides=lcm, progress=False)
+    lora = distill(ROOT / "configs" / "sdxl_lcm_lora.yaml", tmp_path / "lora_run", overrides={**common, "teacher": str(tmp_path / "sdxl"),
+                   "consistency": {"num_solver_steps": 10}, "optimizer": {"lr": 0.05}}, progress=False)
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(full), str(tmp_path / "sdxl"), str(lora)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["full"][:2] == ["LCMScheduler", 32] and result["full"][2] > 0
+    assert result["lora"][0] == "LCMScheduler" and result["lora"][2] == [1, 32, 32, 3]

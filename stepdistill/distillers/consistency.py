@@ -78,10 +78,20 @@ class ConsistencySection:
 
 
 @dataclass
+class ConsistencyDataSection:
+    """Latent teachers: real samples as VAE latents with their prompts (digits: the training split)."""
+
+    latents: Optional[str] = None  # safetensors {latents [N, C, h, w], prompt_index [N]} (distribution_matching.cache_real_latents)
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: Optional[str] = None  # one prompt per line, appended to prompts
+
+
+@dataclass
 class ConsistencyRecipe:
     method: Literal["lcm", "pcm"] = "lcm"  # which distiller `stepdistill distill` runs
     teacher: str = "digits"  # "digits": the shipped digits teacher; else a diffusers pipeline directory
     consistency: ConsistencySection = field(default_factory=ConsistencySection)
+    data: ConsistencyDataSection = field(default_factory=ConsistencyDataSection)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ema: Optional[EMAConfig] = field(default_factory=lambda: EMAConfig(decay=0.95))  # the target θ⁻
@@ -148,6 +158,9 @@ class _GuidanceInput:
     def __init__(self, dim: int):
         self.dim = dim
         self.w: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo):  # the EMA target's copy of the network shares the hook (and its w)
+        return self
 
     def __call__(self, module, args, kwargs):
         if self.w is None:
@@ -376,21 +389,33 @@ class ConsistencyDistillation(TrainingMethod):
 # Export
 # =============================================================================================
 def save_consistency_pipeline(method: ConsistencyDistillation, network: nn.Module, output_dir, *, metrics=None,
-                              metrics_command=None, model_card_info=None, overwrite=False) -> Path:
-    """The student as a drop-in pipeline directory with its LCM / DDIM-trailing scheduler."""
+                              metrics_command=None, model_card_info=None, overwrite=False, sampler: str = "trained") -> Path:
+    """The student as a drop-in pipeline directory with its LCM / DDIM-trailing scheduler.
+
+    ``sampler="tcd"``: a ``TCDScheduler`` with the same schedule and solver grid instead (TCD
+    sampling of the consistency student; the pipeline's ``eta`` is TCD's gamma, 0 = deterministic).
+    """
     from ..export import _write_directory, save_class_conditional_pipeline
     from ..model_card import PipelineUsage
 
-    teacher, steps = method.teacher, method.num_steps
+    teacher, steps, scheduler = method.teacher, method.num_steps, method.scheduler
+    if sampler == "tcd":
+        from diffusers import TCDScheduler
+
+        if method.section.method != "lcm" or method.schedule.kind != "vp":
+            raise StepdistillError("TCD sampling is for LCM students of VP teachers")
+        scheduler = TCDScheduler.from_config(scheduler.config)
+    elif sampler != "trained":
+        raise StepdistillError(f"sampler must be 'trained' or 'tcd'; got {sampler!r}")
     w = method.section.guidance_range[0] if method.w_input is not None else 1.0
     network = copy.deepcopy(network)
     network._forward_pre_hooks.clear()  # the stock pipeline feeds timestep_cond itself
     if teacher.family == "pixel":
         return save_class_conditional_pipeline(
-            network, method.scheduler, output_dir, num_inference_steps=steps, guidance_scale=w, metrics=metrics,
+            network, scheduler, output_dir, num_inference_steps=steps, guidance_scale=w, metrics=metrics,
             metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite,
         )
-    pipe = build_pipeline(teacher, network, method.scheduler)
+    pipe = build_pipeline(teacher, network, scheduler)
     usage = PipelineUsage(pipeline_class=type(pipe).__name__, num_inference_steps=steps, guidance_scale=w)
     return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
                             usage, model_card_info, metrics, metrics_command)
@@ -429,31 +454,59 @@ CARD = {
 }
 
 
+def training_data(teacher, recipe: ConsistencyRecipe):
+    """(x0 in the network's space, their conditions): digits labels, or cached latents + prompts."""
+    if teacher.family == "pixel":
+        from ..digits.data import load_split
+
+        data = load_split("train")
+        return data.images, data.labels.long()
+    d = recipe.data
+    prompts = list(d.prompts)
+    if d.prompts_file:
+        if not os.path.isfile(d.prompts_file):
+            raise RecipeError(f"data.prompts_file not found: {d.prompts_file}")
+        prompts += [line.strip() for line in Path(d.prompts_file).read_text().splitlines() if line.strip()]
+    if d.latents is None or not os.path.isfile(d.latents):
+        raise RecipeError(f"data.latents: a latent teacher needs real latents (safetensors with latents, prompt_index); got {d.latents!r}")
+    from safetensors.torch import load_file
+
+    cached = load_file(d.latents)
+    index = cached["prompt_index"].long()
+    if not prompts or int(index.max()) >= len(prompts):
+        raise RecipeError(f"data: prompt_index refers to {int(index.max()) + 1} prompts but the recipe lists {len(prompts)}")
+    shape = tuple(teacher.sample_shape())
+    if tuple(cached["latents"].shape[1:]) != shape:
+        raise RecipeError(f"data.latents have shape {tuple(cached['latents'].shape[1:])}; this teacher's latents are {shape}")
+    return cached["latents"].float(), [prompts[i] for i in index.tolist()]
+
+
 def distill(recipe_path: str | os.PathLike, output_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False,
             overrides: Mapping[str, Any] | None = None, progress: bool = True, evaluate: bool = True, bench: bool = True) -> Path:
-    """Run an LCM / PCM recipe on the digits teacher; export to ``output_dir/pipeline``."""
+    """Run an LCM / LCM-LoRA / PCM recipe; export to ``output_dir/pipeline`` (LoRA students:
+    ``output_dir/lora``) and return that path."""
     from ..digits.bench import default_teacher_dir
-    from ..digits.data import load_split
     from ..export import export_info
     from ..teachers import load_teacher
 
     recipe = load_recipe(recipe_path, ConsistencyRecipe, overrides)
     if recipe.consistency.method != recipe.method:
         raise RecipeError(f"method: {recipe.method} but consistency.method: {recipe.consistency.method}; make them agree")
-    if recipe.teacher != "digits":
-        raise RecipeError("the consistency recipes train on digits here; latent teachers go through ConsistencyDistillation (see docs/consistency.md)")
-    path = default_teacher_dir()
+    path = default_teacher_dir() if recipe.teacher == "digits" else Path(recipe.teacher)
     if not (path / "model_index.json").is_file():
-        raise StepdistillError(f"the shipped digits teacher is missing ({path})")
+        raise StepdistillError(f"teacher {path} is not a diffusers pipeline directory (no model_index.json)")
     teacher = load_teacher(path)
-    data = load_split("train")
-    method = ConsistencyDistillation(teacher, data.images, data.labels.long(), recipe.consistency, recipe.optimizer, recipe.ema)
+    data, conditions = training_data(teacher, recipe)
+    method = ConsistencyDistillation(teacher, data, conditions, recipe.consistency, recipe.optimizer, recipe.ema)
     evaluators = []
-    if evaluate:
+    if evaluate and teacher.family == "pixel":
         from ..evaluation import make_evaluator
 
         evaluators = [make_evaluator()]
     card = {**CARD, "method": recipe.method.upper()}
+    if teacher.family != "pixel":
+        card = {"title": f"stepdistill {recipe.method.upper()} student", "method": recipe.method.upper(), "license": "other",
+                "description": f"A {method.num_steps}-step consistency-distilled student of {path}.", "tags": ["consistency-distillation"]}
     trainer = Trainer(
         method, recipe.training, output_dir, resume=resume, overwrite=overwrite,
         run_info={"recipe": to_dict(recipe), "recipe_path": os.fspath(recipe_path),
@@ -464,7 +517,9 @@ def distill(recipe_path: str | os.PathLike, output_dir: str | os.PathLike, resum
     final = trainer.train()
     minutes = (time.perf_counter() - began) / 60
     pipeline_dir = Path(output_dir) / "pipeline"
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and recipe.consistency.lora_rank > 0:
+        pipeline_dir = save_lcm_lora(method, method.sampling_network(trainer), Path(output_dir) / "lora")
+    elif trainer.accelerator.is_main_process:
         metrics = None
         if final:
             metrics = {"model": f"{recipe.method.upper()} student", "steps": method.num_steps, "guidance_scale": 1.0,
@@ -472,8 +527,11 @@ def distill(recipe_path: str | os.PathLike, output_dir: str | os.PathLike, resum
         save_consistency_pipeline(method, method.export_network(trainer), pipeline_dir, metrics=metrics,
                                   metrics_command=f"stepdistill distill {os.fspath(recipe_path)} (evaluation at the last step)" if metrics else None,
                                   model_card_info=card, overwrite=True)
+        if recipe.method == "lcm" and method.w_input is None and teacher.family == "pixel":
+            save_consistency_pipeline(method, method.export_network(trainer), Path(output_dir) / "pipeline_tcd",
+                                      model_card_info=card, overwrite=True, sampler="tcd")
         (Path(output_dir) / "train_minutes.txt").write_text(f"{minutes:.2f}\n")
-        if bench:
+        if bench and teacher.family == "pixel":
             from ..digits.bench import format_table, run_bench
 
             results = run_bench(pipeline_dir, Path(output_dir) / "bench", num_samples=2000, steps=(method.num_steps,),
