@@ -97,7 +97,7 @@ def test_gan_head_reads_bottleneck_by_hook_and_learns(tmp_path):
     recipe = recipe_with(
         dmd={"gan_generator_weight": 0.0, "gan_critic_weight": 1.0, "critic_updates_per_generator_update": 1000},
         training={"max_steps": 30, "batch_size": 16},
-        optimizers={"fake_score": {"lr": 3e-3}},
+        optimizers={"discriminator": {"lr": 3e-3}},
     )
     real = (torch.ones(32, 1, 8, 8), torch.arange(32) % 10)  # all-white "digits": trivially different from G's samples
     method = DistributionMatchingMethod(tiny_pixel_teacher(), list(range(10)), recipe, real_data=real)

@@ -154,36 +154,36 @@ class DiscriminatorHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.spatial:
-            return self.net(features.float()).squeeze(1)
+            # contiguous: mid-block attention hands back channels-last strides, whose GroupNorm
+            # backward crashes on CPU in torch 2.13
+            return self.net(features.float().contiguous()).squeeze(1)
         return self.out(self.proj(self.norm(features.float())).mean(dim=1)).squeeze(1)
 
 
 class FakeScore(nn.Module):
-    """The fake-score network plus (optionally) the GAN head reading its bottleneck.
-
-    The features are caught with a forward hook on the bottleneck module: ``last_features`` is
-    what the latest forward pass produced there.
-    """
+    """The fake-score network, with a forward hook on its bottleneck when a GAN head reads it:
+    ``last_features`` is what the latest forward pass produced there (the forward is untouched)."""
 
     def __init__(self, network: nn.Module, gan: bool):
         super().__init__()
         self.network = network
-        module, channels, spatial = bottleneck(network)
-        self.head = DiscriminatorHead(channels, spatial) if gan else None
         self.last_features: torch.Tensor | None = None
         if gan:
+            module, _, _ = bottleneck(network)
             self._hook = module.register_forward_hook(self._catch)
 
     def _catch(self, module, args, output):
         self.last_features = output[-1] if isinstance(output, (tuple, list)) else output
 
-    def logits(self) -> torch.Tensor:
-        return self.head(self.last_features)
-
 
 # =============================================================================================
 # The method
 # =============================================================================================
+def discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating GAN critic loss: softplus(D(fake)) + softplus(-D(real))."""
+    return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+
+
 class ConditionPool:
     """Every condition the run trains on, encoded once; batches are index tensors into it."""
 
@@ -199,8 +199,9 @@ class ConditionPool:
 
 
 class DistributionMatchingMethod(TrainingMethod):
-    """DMD / DMD2 on the shared trainer. Roles: "student" (EMA), "fake_score" (+ GAN head),
-    "teacher" (frozen; absent when the fake score is a LoRA on the teacher's own weights)."""
+    """DMD / DMD2 on the shared trainer. Roles: "student" (EMA), "fake_score", "discriminator"
+    (the GAN head, its own learning rate; DMD2 only), "teacher" (frozen; absent when the fake
+    score is a LoRA on the teacher's own weights)."""
 
     def __init__(
         self,
@@ -242,6 +243,9 @@ class DistributionMatchingMethod(TrainingMethod):
         else:
             network = copy.deepcopy(base).requires_grad_(True)
         self.fake_score = FakeScore(network, gan=self.gan)
+        if self.gan:
+            _, channels, spatial = bottleneck(network)
+            self.discriminator = DiscriminatorHead(channels, spatial)
 
     def _check(self, recipe: DistillRecipe) -> None:
         d = recipe.dmd
@@ -260,13 +264,15 @@ class DistributionMatchingMethod(TrainingMethod):
     # -- roles --------------------------------------------------------------------------------
     def roles(self) -> dict[str, Role]:
         opts = self.recipe.optimizers
-        unknown = set(opts) - {"student", "fake_score"}
+        unknown = set(opts) - {"student", "fake_score", "discriminator"}
         if unknown:
-            raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)}; roles: student, fake_score")
+            raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)}; roles: student, fake_score, discriminator")
         roles = {
             "student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.recipe.ema),
             "fake_score": Role(self.fake_score, optimizer=opts.get("fake_score", OptimizerConfig())),
         }
+        if self.gan:
+            roles["discriminator"] = Role(self.discriminator, optimizer=opts.get("discriminator", OptimizerConfig()))
         if not self.shared_fake:
             roles["teacher"] = Role(self.teacher)
         return roles
@@ -339,7 +345,7 @@ class DistributionMatchingMethod(TrainingMethod):
             logs["generator/dm_loss"] = dm_loss
             logs["generator/dm_grad_norm"] = grad.flatten(1).norm(dim=1).mean()
             if gan_g:
-                gan_loss = F.softplus(-self.fake_score_logits(ctx)).mean()
+                gan_loss = F.softplus(-ctx.model("discriminator")(self.bottleneck_features(ctx))).mean()
                 generator_loss = generator_loss + d.gan_generator_weight * gan_loss
                 logs["generator/gan_loss"] = gan_loss
             if d.regression_weight > 0:
@@ -368,22 +374,26 @@ class DistributionMatchingMethod(TrainingMethod):
         critic_loss = denoise_loss
         logs["critic/denoise_loss"] = denoise_loss
         if self.gan:
-            logits = self.fake_score_logits(ctx)
-            fake_logits, real_logits = logits[:B], logits[B:]
-            d_loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
-            critic_loss = critic_loss + d.gan_critic_weight * d_loss
-            logs["critic/gan_loss"] = d_loss
-            logs["critic/real_accuracy"] = (real_logits > 0).float().mean()
-            logs["critic/fake_accuracy"] = (fake_logits < 0).float().mean()
+            # The fake score's features are shaped by the GAN loss through the (not stepped) head,
+            # weighted by gan_critic_weight; the head itself then learns at its own rate on them.
+            features = self.bottleneck_features(ctx)
+            critic_loss = critic_loss + d.gan_critic_weight * discriminator_loss(*ctx.model("discriminator")(features).split(B))
         check_finite({"critic": critic_loss}, ctx.step)
         ctx.step_role("fake_score", critic_loss)
+        if self.gan:
+            logits = ctx.model("discriminator")(features.detach())
+            head_loss = discriminator_loss(logits[:B], logits[B:])
+            check_finite({"discriminator": head_loss}, ctx.step)
+            ctx.step_role("discriminator", head_loss)
+            logs["critic/gan_loss"] = head_loss
+            logs["critic/real_accuracy"] = (logits[B:] > 0).float().mean()
+            logs["critic/fake_accuracy"] = (logits[:B] < 0).float().mean()
         logs["critic/loss"] = critic_loss
         return logs
 
-    def fake_score_logits(self, ctx: StepContext) -> torch.Tensor:
+    def bottleneck_features(self, ctx: StepContext) -> torch.Tensor:
         fake = ctx.model("fake_score")
-        fake = fake.module if hasattr(fake, "module") else fake
-        return fake.logits()
+        return (fake.module if hasattr(fake, "module") else fake).last_features
 
     def regression_loss(self, ctx: StepContext) -> torch.Tensor:
         """DMD's regression loss: G(z) vs the teacher's ODE sample from the same noise z."""
