@@ -317,3 +317,36 @@ def test_tiny_latent_students_moved_away_from_teacher(distilled_latent):
         student = cls.from_pretrained(student_dir, subfolder=name)
         diffs = [(a - b).abs().max().item() for a, b in zip(student.parameters(), getattr(teacher, name).parameters())]
         assert max(diffs) > 0, family
+
+
+# -- DMD: regression loss on cached teacher ODE pairs ------------------------------------------
+def test_dmd_regression_pairs_are_teacher_samples_and_train(tmp_path):
+    from stepdistill.distillers.distribution_matching import make_ode_pairs
+    from stepdistill.sampling import ddim_sample
+    from safetensors.torch import load_file
+
+    teacher = tiny_pixel_teacher()
+    teacher_dir = save_class_conditional_pipeline(teacher.unet, teacher.scheduler, tmp_path / "teacher")
+    pairs_path = tmp_path / "pairs.safetensors"
+    recipe = {
+        "teacher": {"path": str(teacher_dir), "guidance_scale": 2.0},
+        "dmd": {"variant": "dmd", "regression_weight": 0.25, "regression_pairs": str(pairs_path), "pair_steps": 3,
+                "critic_updates_per_generator_update": 1},
+        "training": {"max_steps": 2, "batch_size": 8, "eval_every": 0, "checkpoint_every": 10},
+    }
+    (tmp_path / "dmd.yaml").write_text(yaml.safe_dump(recipe))
+    make_ode_pairs(tmp_path / "dmd.yaml", 12)
+    pairs = load_file(str(pairs_path))
+    assert pairs["noise"].shape == pairs["sample"].shape == (12, 1, 8, 8)
+    assert pairs["condition_index"].tolist() == [i % 10 for i in range(12)]
+    loaded = load_teacher(teacher_dir)
+    expected = ddim_sample(loaded, loaded.encode(pairs["condition_index"][:3].tolist()), pairs["noise"][:3], loaded.scheduler, 3, 2.0)
+    torch.testing.assert_close(pairs["sample"][:3], expected)
+
+    method = DistributionMatchingMethod(loaded, list(range(10)), load_recipe(tmp_path / "dmd.yaml", DistillRecipe), regression_pairs=pairs)
+    logs = make_trainer(method, tmp_path).train_step(0)
+    assert logs["generator/regression_loss"] > 0 and "critic/gan_loss" not in logs
+
+    bad = load_recipe(tmp_path / "dmd.yaml", DistillRecipe, {"dmd": {"variant": "dmd2"}})
+    with pytest.raises(RecipeError, match="'dmd2' drops the regression loss"):
+        DistributionMatchingMethod(loaded, list(range(10)), bad, regression_pairs=pairs)

@@ -82,7 +82,7 @@ class FakeScoreSection:
 
 @dataclass
 class DMDSection:
-    variant: Literal["dmd2", "dmd"] = "dmd2"
+    variant: Literal["dmd2", "dmd"] = "dmd2"  # dmd: regression loss, no GAN; dmd2: GAN allowed, no regression
     critic_updates_per_generator_update: int = 5  # TTUR (DMD2); DMD uses 1
     min_timestep: float = 0.02  # fractions of the training timesteps for the score timesteps
     max_timestep: float = 0.98
@@ -251,6 +251,10 @@ class DistributionMatchingMethod(TrainingMethod):
         d = recipe.dmd
         if not 0.0 <= d.min_timestep < d.max_timestep <= 1.0:
             raise RecipeError(f"dmd: need 0 <= min_timestep < max_timestep <= 1; got {d.min_timestep}, {d.max_timestep}")
+        if d.variant == "dmd" and self.gan:
+            raise RecipeError("dmd.variant 'dmd' has no GAN: set gan_generator_weight and gan_critic_weight to 0 (or use variant 'dmd2')")
+        if d.variant == "dmd2" and d.regression_weight > 0:
+            raise RecipeError("dmd.variant 'dmd2' drops the regression loss: set regression_weight to 0 (or use variant 'dmd')")
         if d.critic_updates_per_generator_update < 1:
             raise RecipeError("dmd.critic_updates_per_generator_update must be >= 1")
         if self.gan and self.real_data is None:
