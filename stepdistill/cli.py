@@ -27,9 +27,24 @@ def _cmd_train_teacher(args: argparse.Namespace) -> None:
     print(f"teacher pipeline written to {out}")
 
 
+# A recipe's top-level ``method:`` -> the distiller module that runs it; recipes without one are DMD/DMD2.
+DISTILLERS = {"lcm": "consistency", "pcm": "consistency"}
+
+
 def _cmd_distill(args: argparse.Namespace) -> None:
+    import importlib
+
+    from .config import load_yaml
     from .distillers.distribution_matching import distill, make_ode_pairs
 
+    method = load_yaml(args.recipe).get("method")
+    if method in DISTILLERS:
+        if args.make_pairs:
+            raise StepdistillError(f"--make-pairs is for DMD recipes; {args.recipe} is a {method} recipe")
+        module = importlib.import_module(f".distillers.{DISTILLERS[method]}", __package__)
+        out = module.distill(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+        print(f"student written to {out}")
+        return
     if args.make_pairs:
         print(f"teacher ODE pairs written to {make_ode_pairs(args.recipe, args.make_pairs)}")
         return
@@ -148,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
     p.set_defaults(func=_cmd_train_teacher)
 
-    p = sub.add_parser("distill", help="distill a few-step student from a teacher (DMD / DMD2 recipe)",
+    p = sub.add_parser("distill", help="distill a few-step student from a teacher (DMD/DMD2, LCM, PCM recipes)",
                        description="Train a few-step student with a distillation recipe (configs/digits_dmd2.yaml) and "
                        "export it as a drop-in diffusers pipeline (OUTPUT_DIR/pipeline). See docs/dmd2.md.")
     p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_dmd2.yaml")

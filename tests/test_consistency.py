@@ -258,3 +258,13 @@ def test_latent_recipes_export_and_reload_in_a_fresh_process_without_stepdistill
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["full"][:2] == ["LCMScheduler", 32] and result["full"][2] > 0
     assert result["lora"][0] == "LCMScheduler" and result["lora"][2] == [1, 32, 32, 3]
+
+
+def test_distill_command_dispatches_on_the_recipes_method(tmp_path, capsys):
+    from stepdistill.cli import main
+
+    bad = tmp_path / "lcm.yaml"
+    bad.write_text((ROOT / "configs" / "digits_lcm.yaml").read_text().replace("  num_solver_steps: 50", "  num_solver_step: 50"))
+    assert main(["distill", str(bad), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "num_solver_step" in err and "num_solver_steps" in err  # the consistency recipe's validation answered
