@@ -226,46 +226,41 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
 
 
 # -- tiny SD / SDXL / Flux: distill -> export -> reload in stock diffusers ---------------------
-LATENT = {
-    # family: (builder, student steps, GAN on real latents?, fake-score LoRA rank, extra recipe)
-    "sd": (tiny_sd_pipeline, 2, True, 0, {}),
-    "sdxl": (tiny_sdxl_pipeline, 1, False, 4, {}),
-    "flux": (tiny_flux_pipeline, 2, False, 0, {"teacher": {"height": 32, "width": 32, "guidance_scale": 1.0}}),
-}
+LATENT = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "flux": tiny_flux_pipeline}
 
 
 @pytest.fixture(scope="module")
 def distilled_latent(tmp_path_factory):
-    from stepdistill.config import merge
+    """configs/{sd15,sdxl,flux}_dmd2.yaml as shipped (steps, LoRA options, GAN, TTUR), pointed at
+    tiny random pipelines, at 32 px, for 3 critic steps."""
+    from stepdistill.config import load_yaml, merge
 
     root = tmp_path_factory.mktemp("latent_dmd")
     runs = {}
-    for family, (build, steps, gan, lora, extra) in LATENT.items():
+    for family, build in LATENT.items():
         teacher_dir = root / f"{family}_teacher"
         build().save_pretrained(teacher_dir)
-        recipe = {
-            "teacher": {"path": str(teacher_dir), "guidance_scale": 3.0},
-            "student": {"num_steps": steps},
-            "fake_score": {"lora_rank": lora},
-            "dmd": {"critic_updates_per_generator_update": 2},
-            "data": {"prompts": ["a cat", "a dog on a mat", "a red cat"]},
-            "training": {"max_steps": 3, "batch_size": 2, "eval_every": 0, "num_eval_samples": 2, "checkpoint_every": 3},
+        shipped = load_yaml(ROOT / "configs" / f"{'sd15' if family == 'sd' else family}_dmd2.yaml")
+        overrides = {
+            "teacher": {"path": str(teacher_dir), "height": 32, "width": 32},
+            "data": {"prompts": ["a cat", "a dog on a mat", "a red cat"], "prompts_file": None},
+            "training": {"max_steps": 3, "batch_size": 2, "mixed_precision": "no", "eval_every": 0, "num_eval_samples": 2, "checkpoint_every": 3},
             "optimizers": {"student": {"lr": 1e-3}, "fake_score": {"lr": 1e-3}},
+            "dmd": {"critic_updates_per_generator_update": 2},
         }
-        if gan:
+        if shipped.get("data", {}).get("real_latents"):
             teacher = load_teacher(teacher_dir)
             images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
             cache_real_latents(teacher, images, torch.tensor([0, 1, 2, 0]), root / f"{family}_real.safetensors")
-            recipe["data"]["real_latents"] = str(root / f"{family}_real.safetensors")
-            recipe["dmd"].update(gan_generator_weight=0.01, gan_critic_weight=0.1)
-        recipe = merge(recipe, extra)
+            overrides["data"]["real_latents"] = str(root / f"{family}_real.safetensors")
         path = root / f"{family}.yaml"
-        path.write_text(yaml.safe_dump(recipe))
+        path.write_text(yaml.safe_dump(merge(shipped, overrides)))
         pipeline = distill(path, root / f"{family}_run", progress=False, bench=False)
-        method_recipe = load_recipe(path, DistillRecipe)
+        recipe = load_recipe(path, DistillRecipe)
         teacher = load_teacher(teacher_dir)
-        sampler = StudentSampler.for_teacher(teacher, steps, teacher.sample_shape(method_recipe.teacher.height, method_recipe.teacher.width))
-        runs[family] = {"pipeline": str(pipeline), "steps": steps, "timesteps": [float(t) for t in sampler.timesteps], "teacher": str(teacher_dir)}
+        sampler = StudentSampler.for_teacher(teacher, recipe.student.num_steps, teacher.sample_shape(32, 32))
+        runs[family] = {"pipeline": str(pipeline), "steps": recipe.student.num_steps, "timesteps": [float(t) for t in sampler.timesteps],
+                        "teacher": str(teacher_dir)}
     return runs
 
 
@@ -277,7 +272,7 @@ out = {}
 for family, run in runs.items():
     pipe = diffusers.DiffusionPipeline.from_pretrained(run["pipeline"])
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(height=32, width=32) if family == "flux" else dict(guidance_scale=1.0)
+    kwargs = dict(height=32, width=32) if family == "flux" else dict(height=32, width=32, guidance_scale=1.0)
     seen = []
     def record(p, i, t, kw):
         seen.append(float(t))
