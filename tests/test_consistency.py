@@ -268,3 +268,13 @@ def test_distill_command_dispatches_on_the_recipes_method(tmp_path, capsys):
     assert main(["distill", str(bad), "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "num_solver_step" in err and "num_solver_steps" in err  # the consistency recipe's validation answered
+
+
+def test_flow_matching_teachers_are_refused_with_a_clear_error():
+    from stepdistill.errors import StepdistillError
+    from stepdistill.teachers.flux import FluxTeacher
+    from tiny_pipelines import T5_MAX_LENGTH, tiny_flux_pipeline
+
+    teacher = FluxTeacher.from_pipeline(tiny_flux_pipeline(), max_sequence_length=T5_MAX_LENGTH)
+    with pytest.raises(StepdistillError, match="flow-matching teachers"):
+        ConsistencyDistillation(teacher, torch.randn(2, 4), ["a", "b"], ConsistencySection(), OptimizerConfig())

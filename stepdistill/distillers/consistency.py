@@ -17,8 +17,8 @@ Notation (Song et al. 2023; Luo et al. 2023, "Latent Consistency Models"; Wang e
   L2 or pseudo-Huber distance sqrt(|a - b|² + c²) - c (elementwise, as LCM's scripts);
 - **LCM** parameterizes f_θ(x, t) = c_skip(t) x + c_out(t) x̂0_θ(x, t) with the boundary scalings
   of diffusers' ``LCMScheduler`` (c_skip(0) = 1, c_out(0) = 0; ``timestep_scaling`` = 10), taken
-  from that scheduler object -- the one the student is exported with. Flow-matching teachers use
-  f_θ = x̂0_θ (already x at sigma = 0) and export with ``FlowMatchLCMScheduler``;
+  from that scheduler object -- the one the student is exported with. (Flow-matching teachers --
+  Flux -- are refused for now: their grid needs the pipeline's shifted sigmas; see docs/consistency.md);
 - **PCM** splits the trajectory into K phases whose edges are the timesteps of the exported
   K-step DDIM-trailing scheduler (plus the clean end); f_θ(x, t) is the DDIM jump from t to the
   edge below t, ``alpha_e x̂0_θ + sigma_e ε̂_θ`` (PCM eq. 6), so the K-step DDIM sampler of the
@@ -101,13 +101,11 @@ class ConsistencyRecipe:
 # Schedules of the student: solver grid, export scheduler, phase edges
 # =============================================================================================
 def export_scheduler(teacher_scheduler, section: ConsistencySection):
-    """The scheduler the student is trained for and exported with (LCM / FlowMatchLCM / DDIM trailing)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
+    """The scheduler the student is trained for and exported with (LCM, or DDIM trailing for PCM)."""
+    from diffusers import LCMScheduler
 
     if section.method == "pcm":
         return make_student_scheduler(teacher_scheduler, section.num_phases)
-    if isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
-        return FlowMatchLCMScheduler.from_config(teacher_scheduler.config)
     return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=section.num_solver_steps)
 
 
@@ -220,6 +218,11 @@ class ConsistencyDistillation(TrainingMethod):
         self.conditions = conditions
         self.schedule = teacher.schedule
         self.prediction_type = teacher.prediction_type
+        if self.schedule.kind != "vp":
+            raise StepdistillError(
+                f"consistency distillation of flow-matching teachers ({teacher.family}) is not implemented yet: "
+                "its solver grid would need the pipeline's shifted sigmas (mu); use a VP teacher (pixel, SD 1.x/2.x, SDXL)"
+            )
         lo, hi = s.guidance_range
         if lo > hi or lo < 1.0:
             raise RecipeError(f"consistency.guidance_range must be [lo, hi] with 1 <= lo <= hi; got {[lo, hi]}")
