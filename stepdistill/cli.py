@@ -136,6 +136,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         inception_weights=args.inception_weights,
         reference_cache_dir=args.reference_cache,
         clip_model=args.clip_model,
+        kid_subsets=args.kid_subsets,
         latency_batch_size=args.latency_batch_size,
         update_model_cards=not args.no_model_card,
         command=_eval_command(args),
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (needs torch-fidelity)")
     p.add_argument("--reference-cache", default=None, help="cache folder for real-image features (default ~/.cache/stepdistill)")
     p.add_argument("--clip-model", default=None, help="local CLIP directory (CLIPModel + CLIPProcessor) for CLIP score")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets of up to 1000 samples (cost grows linearly)")
     p.add_argument("--latency-batch-size", type=int, default=16, help="fixed batch for the latency measurement")
     p.add_argument("--no-model-card", action="store_true", help="leave the README.md of exported directories alone")
     p.set_defaults(func=_cmd_eval)

@@ -151,7 +151,7 @@ def save_plot(results: dict, path: Path) -> str:
         if key == "fd" and results.get("noise_floor"):
             axis.axhline(results["noise_floor"]["fd"], color="grey", linestyle="--", label="real digits (noise floor)")
         axis.set_xscale("log", base=2)
-        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_xlabel("NFE (denoiser evaluations per image)")
         axis.set_title(title)
         axis.grid(True, alpha=0.3)

@@ -32,7 +32,7 @@ CONDITIONING = {"digits": "labels", "class_conditional": "labels", "text_to_imag
 GRID_COLUMNS = 10
 
 
-def _check_settings(steps, guidance_scales, gammas, batch_size, num_samples, latency_batch_size, latency_repeats) -> None:
+def _check_settings(steps, guidance_scales, gammas, batch_size, num_samples, latency_batch_size, latency_repeats, kid_subsets) -> None:
     if not steps or min(steps) < 1:
         raise StepdistillError(f"steps must be positive integers; got {list(steps)}")
     if not guidance_scales:
@@ -41,6 +41,8 @@ def _check_settings(steps, guidance_scales, gammas, batch_size, num_samples, lat
         raise StepdistillError(f"TCD gamma must be >= 0; got {list(gammas)}")
     if batch_size < 1 or latency_batch_size < 1 or latency_repeats < 1:
         raise StepdistillError("batch sizes and latency repeats must be at least 1")
+    if kid_subsets < 1:
+        raise StepdistillError(f"kid_subsets must be at least 1; got {kid_subsets}")
     if num_samples is not None and num_samples < 2:
         raise StepdistillError(f"num_samples must be at least 2; got {num_samples}")
 
@@ -198,7 +200,7 @@ def run_evaluation(
     steps = tuple(int(s) for s in steps)
     guidance_scales = tuple(float(w) for w in guidance_scales)
     gammas = tuple(float(g) for g in gammas)
-    _check_settings(steps, guidance_scales, gammas, batch_size, num_samples, latency_batch_size, latency_repeats)
+    _check_settings(steps, guidance_scales, gammas, batch_size, num_samples, latency_batch_size, latency_repeats, kid_subsets)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # Everything that can be wrong with the input is found here, before any sampling: the
@@ -267,6 +269,7 @@ def run_evaluation(
         "seed": seed,
         "batch_size": batch_size,
         "pr_k": pr_k,
+        "kid_subsets": kid_subsets,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

@@ -10,6 +10,7 @@ after come from the same code. Digits pipelines are scored by the digits benchma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -31,8 +32,9 @@ class Reference:
     digits: bool = False  # score FD + accuracy with the digits benchmark's evaluate_samples
 
 
+@lru_cache(maxsize=1)
 def digits_reference() -> Reference:
-    """All 1,797 real digits in the digits classifier's features (the bench's FD reference)."""
+    """All 1,797 real digits in the digits classifier's features (the bench's FD reference; cached)."""
     from ..digits.classifier import feature_module
     from ..digits.data import load_split
 
