@@ -127,7 +127,7 @@ def test_pcm_training_moves_few_step_samples_onto_the_teacher_ode(tmp_path):
     before = gap(method.student)
     trainer = train(method, tmp_path, steps=60, batch_size=32)
     after = gap(trainer.unwrap("student"))
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.7 * before, (before, after)  # measured: about 0.49x; no training: 1.0x
 
 
 # -- guidance ---------------------------------------------------------------------------------
