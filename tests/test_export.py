@@ -393,3 +393,13 @@ def test_export_run_errors_are_clear(tmp_path):
     write_fake_run(tmp_path / "run", tiny_unet(11), tiny_unet(11), export=None)
     with pytest.raises(StepdistillError, match="records no export settings"):
         export_run(tmp_path / "run", tmp_path / "out")
+
+
+def test_shipped_teacher_carries_the_current_pipeline_code():
+    # The shipped digits teacher is loaded with trust_remote_code from its own copy of the
+    # pipeline file: a change to pipelines/ must be copied there too (re-export or copy).
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = root / "stepdistill" / "digits" / "weights" / "teacher" / "class_conditional_pipeline.py"
+    assert shipped.read_text() == (root / "pipelines" / "class_conditional_pipeline.py").read_text()
