@@ -164,7 +164,7 @@ def _description(usage: PipelineUsage, info: ModelCardInfo) -> list[str]:
     lines = []
     if info.description:
         lines += [info.description, ""]
-    what = f"distilled with `{info.method}`" if info.method else "exported by stepdistill"
+    what = f"trained with `{info.method}`" if info.method else "exported by stepdistill"
     source = f" from [`{info.base_model}`]({_link(info.base_model)})" if info.base_model else ""
     steps = "1 step" if usage.num_inference_steps == 1 else f"{usage.num_inference_steps} steps"
     lines += [f"A diffusers `{usage.pipeline_class}` {what}{source}; it samples in {steps}."]
