@@ -27,10 +27,14 @@ def pyproject():
 
 
 def source_packages() -> set[str]:
-    """Dotted names of the folders under stepdistill/ holding Python files, plus pipelines/."""
+    """Dotted names of the folders under stepdistill/ holding Python files, plus pipelines/.
+
+    ``weights/`` is package data: exported pipeline directories there carry a copy of the
+    pipeline file (for ``trust_remote_code``) without being packages.
+    """
     found = {"stepdistill.pipelines"}
     for py in (REPO / "stepdistill").rglob("*.py"):
-        if "__pycache__" not in py.parts:
+        if "__pycache__" not in py.parts and "weights" not in py.relative_to(REPO).parts:
             found.add(".".join(py.parent.relative_to(REPO).parts))
     return found
 
