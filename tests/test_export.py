@@ -25,22 +25,11 @@ from stepdistill.pipelines.class_conditional_pipeline import ClassConditionalPip
 from stepdistill.sampling import ddim_sample
 from stepdistill.teachers.pixel import PixelUNetTeacher
 
+from tiny_pipelines import tiny_pixel_unet as tiny_unet
+
 STEPS = 4
 
 
-def tiny_unet(num_class_embeds=None, seed=0):
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        num_class_embeds=num_class_embeds,
-    ).eval()
 
 
 def teacher_scheduler():

@@ -4,28 +4,16 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from stepdistill.errors import TeacherLoadError
 from stepdistill.export import save_class_conditional_pipeline
 from stepdistill.sampling import ddim_sample
 from stepdistill.teachers import detect_family, load_teacher
 from stepdistill.teachers.pixel import PixelUNetTeacher
+from tiny_pipelines import tiny_pixel_unet as tiny_unet
 
 
-def tiny_unet(num_class_embeds=None, seed=0):
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        num_class_embeds=num_class_embeds,
-    ).eval()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

@@ -22,6 +22,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UNet2DModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -319,3 +320,19 @@ def save_as_original_sd_checkpoint(pipe: StableDiffusionPipeline, path) -> None:
         key = key if key.startswith("text_model.") else "text_model." + key
         state["cond_stage_model.transformer." + key] = value
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def tiny_pixel_unet(num_class_embeds: int | None = None, seed: int = 0) -> UNet2DModel:
+    """A tiny 8x8x1 pixel UNet; ``num_class_embeds=11`` gives the digits layout (10 classes + null)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        num_class_embeds=num_class_embeds,
+    ).eval()
