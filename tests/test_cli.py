@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler
 from PIL import Image
+
+from tiny_pipelines import tiny_pixel_unet
 
 from stepdistill.cli import build_parser, main
 from stepdistill.export import save_class_conditional_pipeline
@@ -42,10 +43,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
 
 
 def test_sample_writes_a_grid(tmp_path, capsys):
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8, num_class_embeds=11).eval()
+    unet = tiny_pixel_unet(num_class_embeds=11)
     save_class_conditional_pipeline(unet, DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing"), tmp_path / "pipe")
     out = tmp_path / "grid.png"
     assert main(["sample", str(tmp_path / "pipe"), "--output", str(out), "--num-images", "20", "--steps", "2",

@@ -29,22 +29,12 @@ from stepdistill.metrics import frechet_distance, noise_floor
 @pytest.fixture(scope="module")
 def tiny_pipeline_dir(tmp_path_factory):
     """A random-weight class-conditional digits pipeline, as the teacher helper exports it."""
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
+    from tiny_pipelines import tiny_pixel_unet
 
     from stepdistill.export import save_class_conditional_pipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        num_class_embeds=11,
-    )
+    unet = tiny_pixel_unet(num_class_embeds=11)
     scheduler = DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing")
     return save_class_conditional_pipeline(unet, scheduler, tmp_path_factory.mktemp("tiny") / "pipeline")
 
