@@ -34,6 +34,7 @@ from .errors import OutputDirError, StepdistillError
 from .model_card import Metrics, ModelCardInfo, PipelineUsage, write_model_card
 
 PIPELINE_FILE = "class_conditional_pipeline.py"
+GUIDANCE_UNET_FILE = "guidance_unet_2d.py"  # the w-conditioned UNet2DModel, a custom component in unet/
 PIPELINE_SOURCE = Path(__file__).resolve().parent.parent / "pipelines" / PIPELINE_FILE
 
 
@@ -101,17 +102,24 @@ def save_class_conditional_pipeline(
         num_classes=unet.config.num_class_embeds - 1,
     )
 
+    # A w-conditioned student (GuidanceUNet2DModel) travels with its class: diffusers loads
+    # unet/guidance_unet_2d.py as a custom component under trust_remote_code.
+    custom_unet = getattr(unet.config, "time_cond_proj_dim", None) is not None
+    unet_entry = [Path(GUIDANCE_UNET_FILE).stem, type(unet).__name__] if custom_unet else ["diffusers", type(unet).__name__]
+
     def build(tmp: Path) -> None:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         shutil.copyfile(_pipeline_source(), tmp / PIPELINE_FILE)
+        if custom_unet:
+            shutil.copyfile(_pipeline_source(GUIDANCE_UNET_FILE), tmp / "unet" / GUIDANCE_UNET_FILE)
         index = {
             "_class_name": [Path(PIPELINE_FILE).stem, "ClassConditionalPipeline"],
             "_diffusers_version": _diffusers_version(),
             "default_guidance_scale": usage.guidance_scale,
             "default_num_inference_steps": usage.num_inference_steps,
             "scheduler": ["diffusers", type(scheduler).__name__],
-            "unet": ["diffusers", type(unet).__name__],
+            "unet": unet_entry,
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -281,19 +289,19 @@ def _umask() -> int:
     return mask
 
 
-def _pipeline_source() -> Path:
-    """The shipped pipeline file, from an installed wheel or a source checkout."""
+def _pipeline_source(name: str = PIPELINE_FILE) -> Path:
+    """A shipped file of ``pipelines/``, from an installed wheel or a source checkout."""
     try:
         from . import pipelines as installed  # wheel / editable install: stepdistill.pipelines
 
-        candidate = Path(installed.__file__).parent / PIPELINE_FILE
+        candidate = Path(installed.__file__).parent / name
         if candidate.exists():
             return candidate
     except ImportError:
         pass
-    if PIPELINE_SOURCE.exists():
-        return PIPELINE_SOURCE
-    raise StepdistillError(f"cannot find {PIPELINE_FILE}: reinstall stepdistill (it ships as stepdistill.pipelines)")
+    if (PIPELINE_SOURCE.parent / name).exists():
+        return PIPELINE_SOURCE.parent / name
+    raise StepdistillError(f"cannot find {name}: reinstall stepdistill (it ships as stepdistill.pipelines)")
 
 
 def _diffusers_version() -> str:

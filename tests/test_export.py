@@ -4,9 +4,7 @@ schedulers, atomic writes and model cards."""
 import json
 import os
 import re
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from stepdistill.pipelines.class_conditional_pipeline import ClassConditionalPip
 from stepdistill.sampling import ddim_sample
 from stepdistill.teachers.pixel import PixelUNetTeacher
 
+from fresh_process import run_fresh_python
 from tiny_pipelines import tiny_pixel_unet as tiny_unet
 
 STEPS = 4
@@ -40,15 +39,6 @@ def in_memory_pipeline(unet, scheduler):
     pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler, default_num_inference_steps=STEPS)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def run_fresh_python(code: str, cwd) -> str:
-    """Run ``code`` in a new interpreter (cwd outside the repo) that must never import stepdistill."""
-    code = textwrap.dedent(code) + "\nimport sys\nassert 'stepdistill' not in sys.modules, 'stepdistill was imported'\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFUSERS_VERBOSITY": "error"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,10 @@
 # - `unet` is a diffusers `UNet2DModel` with `num_class_embeds = num_classes + 1`; the last
 #   class index is the null class ("no label") used for classifier-free guidance.
 # - guidance: `uncond + guidance_scale * (cond - uncond)`; guidance_scale = 1 means no guidance.
+#   A UNet whose config has `time_cond_proj_dim` (a w-conditioned consistency student, e.g.
+#   `unet/guidance_unet_2d.py`) takes the guidance scale as an input instead, exactly as
+#   diffusers' LCM pipelines feed it: `timestep_cond = embedding(guidance_scale - 1)`, one pass,
+#   no CFG.
 # - the scheduler's `prediction_type` says what the network predicts; any diffusers scheduler
 #   with `set_timesteps` / `step` works (DDIM, DDPM, LCM, TCD, Euler, ...).
 # - `default_num_inference_steps` / `default_guidance_scale` (stored in model_index.json) are
@@ -18,7 +22,7 @@ from __future__ import annotations
 from typing import List, Optional, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, StableDiffusionPipeline, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 
@@ -99,7 +103,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
         latents = latents.to(self._execution_device) * self.scheduler.init_noise_sigma
 
-        guided = guidance_scale != 1.0
+        timestep_cond = None
+        cond_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if cond_dim is not None:  # the student takes w itself: one pass, no CFG
+            w = torch.full((batch,), float(guidance_scale) - 1.0)
+            timestep_cond = StableDiffusionPipeline.get_guidance_scale_embedding(self, w, embedding_dim=cond_dim)
+            timestep_cond = timestep_cond.to(self._execution_device, self.unet.dtype)
+        guided = guidance_scale != 1.0 and timestep_cond is None
         if guided:
             null = torch.full_like(labels, self.null_class)
             model_labels = torch.cat([null, labels])
@@ -116,7 +126,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             model_in = torch.cat([latents, latents]) if guided else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             t_batch = t.expand(model_in.shape[0]) if torch.is_tensor(t) else torch.full((model_in.shape[0],), t)
-            out = self.unet(model_in, t_batch.to(model_in.device), class_labels=model_labels).sample
+            extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond}
+            out = self.unet(model_in, t_batch.to(model_in.device), class_labels=model_labels, **extra).sample
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
