@@ -28,7 +28,8 @@ from stepdistill.teachers.pixel import PixelUNetTeacher
 from stepdistill.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from fresh_process import run_fresh_python  # noqa: E402
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,10 +133,62 @@ def test_pcm_training_moves_few_step_samples_onto_the_teacher_ode(tmp_path):
 
 # -- guidance ---------------------------------------------------------------------------------
 def test_guidance_range_needs_a_w_embedding_and_a_unet_that_takes_one():
+    from stepdistill.distillers.consistency import w_conditioned_copy
+
     with pytest.raises(RecipeError, match="w_embedding is off"):
         pixel_method(ConsistencySection(guidance_range=(1.0, 3.0)))
-    with pytest.raises(RecipeError, match="UNet2DConditionModel"):
-        pixel_method(ConsistencySection(guidance_range=(1.0, 3.0), w_embedding=True))
+    with pytest.raises(RecipeError, match="needs a UNet"):
+        w_conditioned_copy(torch.nn.Linear(2, 2), 32)
+
+
+def test_w_embedding_pixel_student_exports_a_pipeline_driven_by_guidance_scale(tmp_path):
+    """A UNet2DModel teacher's w-conditioned student (GuidanceUNet2DModel) starts as the teacher,
+    and its exported ClassConditionalPipeline (the UNet class travels in unet/) reproduces the
+    in-memory sampler at each w, with one network pass per step (no CFG)."""
+    from stepdistill.pipelines.guidance_unet_2d import GuidanceUNet2DModel
+
+    method = pixel_method(ConsistencySection(num_solver_steps=10, num_inference_steps=2, guidance_range=(1.0, 3.0),
+                                             w_embedding=True, w_embedding_dim=32))
+    teacher = method.teacher
+    assert isinstance(method.student, GuidanceUNet2DModel) and method.student.config.time_cond_proj_dim == 32
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond, t = teacher.encode([1, 2, 3, 4]), torch.full((4,), 999)
+    with method.w_input.at(torch.tensor(3.0)):
+        start = method.consistency_fn(method.student, x, t, cond, torch.full((4,), 3.0))
+    assert torch.allclose(start, method.consistency_fn(teacher.unet, x, t, cond, torch.ones(4)), atol=1e-6)
+    torch.nn.init.normal_(method.student.time_embedding.cond_proj.weight, std=0.5)
+    out = save_consistency_pipeline(method, method.student, tmp_path / "pipe")
+    assert (out / "unet" / "guidance_unet_2d.py").is_file()
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert type(pipe.unet).__name__ == "GuidanceUNet2DModel" and pipe.config.default_guidance_scale == 1.0
+    calls = []
+    pipe.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    labels = torch.arange(6) % 10
+    noise = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for w in (1.0, 2.5):
+        ours = method.sample(method.student, noise, teacher.encode(labels), guidance_scale=w, generator=torch.Generator().manual_seed(4))
+        theirs = pipe(labels, latents=noise, guidance_scale=w, generator=torch.Generator().manual_seed(4), output_type="pt").images
+        assert torch.allclose((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-5)
+        results[w] = theirs
+    assert calls == [6] * 4  # 2 steps x 2 calls, never a doubled CFG batch
+    assert (results[1.0] - results[2.5]).abs().max() > 1e-3  # the embedding matters
+    # a process that never imports stepdistill loads the custom UNet from the directory
+    from safetensors.torch import save_file
+
+    save_file({"noise": noise, "labels": labels}, tmp_path / "inputs.safetensors")
+    stdout = run_fresh_python(f"""
+        import json, torch
+        from diffusers import DiffusionPipeline
+        from safetensors.torch import load_file
+        inputs = load_file({str(tmp_path / "inputs.safetensors")!r})
+        pipe = DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)
+        images = pipe(inputs["labels"], latents=inputs["noise"], guidance_scale=2.5, generator=torch.Generator().manual_seed(4), output_type="pt").images
+        print(json.dumps([type(pipe.unet).__name__, images.flatten().tolist()]))
+    """, cwd=tmp_path)
+    name, values = __import__("json").loads(stdout.strip().splitlines()[-1])
+    assert name == "GuidanceUNet2DModel"
+    assert torch.allclose(torch.tensor(values).reshape(results[2.5].shape), results[2.5], atol=1e-5)
 
 
 def sd_teacher(tmp_path):
@@ -270,11 +323,94 @@ def test_distill_command_dispatches_on_the_recipes_method(tmp_path, capsys):
     assert "num_solver_step" in err and "num_solver_steps" in err  # the consistency recipe's validation answered
 
 
-def test_flow_matching_teachers_are_refused_with_a_clear_error():
-    from stepdistill.errors import StepdistillError
-    from stepdistill.teachers.flux import FluxTeacher
-    from tiny_pipelines import T5_MAX_LENGTH, tiny_flux_pipeline
+def flux_teacher(tmp_path):
+    from stepdistill.teachers import load_teacher
 
-    teacher = FluxTeacher.from_pipeline(tiny_flux_pipeline(), max_sequence_length=T5_MAX_LENGTH)
-    with pytest.raises(StepdistillError, match="flow-matching teachers"):
-        ConsistencyDistillation(teacher, torch.randn(2, 4), ["a", "b"], ConsistencySection(), OptimizerConfig())
+    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
+    return load_teacher(tmp_path / "flux")
+
+
+def test_flux_lcm_grid_is_the_pipelines_own_sigmas_and_export_reproduces_the_student(tmp_path):
+    """Flow matching: the solver grid is FluxPipeline's shifted N-step schedule at the training
+    resolution, the exported FlowMatchLCMScheduler's K steps lie on it, and the stock FluxPipeline
+    (loaded from the directory) reproduces the in-memory student."""
+    from diffusers import FlowMatchLCMScheduler, FluxPipeline
+
+    teacher = flux_teacher(tmp_path)
+    shape = tuple(teacher.sample_shape(32, 32))
+    data = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+    section = ConsistencySection(num_solver_steps=8, num_inference_steps=2)
+    method = ConsistencyDistillation(teacher, data, ["a cat", "a dog", "a cat", "a dog"], section, OptimizerConfig(lr=1e-2), ema=None)
+    stock = FluxPipeline.from_pretrained(tmp_path / "flux")
+    stock.set_progress_bar_config(disable=True)
+
+    def pipeline_timesteps(pipe, steps):
+        seen = []
+        pipe("a cat", num_inference_steps=steps, height=32, width=32, output_type="latent",
+             callback_on_step_end=lambda p, i, t, kw: seen.append(float(t)) or kw)
+        return seen
+
+    assert method.grid.tolist() == pytest.approx(pipeline_timesteps(stock, 8), abs=1e-3)
+    assert method.grid[0] == 1000.0 and method.grid[-1] > 0  # shifted sigmas * 1000, the end (0) excluded
+    with pytest.raises(RecipeError, match="must divide num_solver_steps"):
+        ConsistencyDistillation(teacher, data, ["a"] * 4, ConsistencySection(num_solver_steps=8, num_inference_steps=3), OptimizerConfig())
+    with pytest.raises(RecipeError, match="needs a UNet"):
+        ConsistencyDistillation(teacher, data, ["a"] * 4, ConsistencySection(num_solver_steps=8, num_inference_steps=2, guidance_range=(1.0, 2.0), w_embedding=True), OptimizerConfig())
+
+    trainer = train(method, tmp_path, steps=3, batch_size=2)
+    student = method.export_network(trainer)
+    out = save_consistency_pipeline(method, student, tmp_path / "pipe")
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe, FluxPipeline) and isinstance(pipe.scheduler, FlowMatchLCMScheduler)
+    assert pipeline_timesteps(pipe, 2) == pytest.approx(student_timesteps(method.scheduler, 2, **method.timestep_kwargs(2)).tolist(), abs=1e-3)
+    assert all((method.grid - t).abs().min() < 1e-3 for t in pipeline_timesteps(pipe, 2))
+    # one step is deterministic (the re-noising goes to sigma 0): the stock pipeline == the in-memory student
+    noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(3))
+    ours = method.sample(student, noise, teacher.encode(["a cat"]), num_steps=1)
+    theirs = pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="latent",
+                  generator=torch.Generator().manual_seed(3)).images
+    from stepdistill.teachers.flux import unpack_latents
+
+    assert torch.allclose(ours, unpack_latents(theirs, *shape[1:]), atol=1e-4)
+    assert (ours - method.sample(teacher.transformer, noise, teacher.encode(["a cat"]), num_steps=1)).abs().max() > 1e-4  # it trained
+
+
+def test_flux_lcm_lora_recipe_round_trip_through_load_lora_weights(tmp_path):
+    """configs/flux_lcm_lora.yaml as shipped (rank, targets), on a tiny Flux pipeline: the LoRA file
+    loaded into the stock FluxPipeline with its FlowMatchLCMScheduler reproduces the in-memory student."""
+    from diffusers import FlowMatchLCMScheduler, FluxPipeline
+    from safetensors.torch import save_file
+
+    from stepdistill.distillers.consistency import distill
+
+    teacher = flux_teacher(tmp_path)
+    shape = tuple(teacher.sample_shape(32, 32))
+    save_file({"latents": torch.randn(4, *shape), "prompt_index": torch.tensor([0, 1, 0, 1])}, tmp_path / "latents.safetensors")
+    overrides = {"teacher": str(tmp_path / "flux"), "data": {"latents": str(tmp_path / "latents.safetensors"), "prompts": ["a cat", "a dog"],
+                 "prompts_file": None}, "consistency": {"num_solver_steps": 8, "num_inference_steps": 2},
+                 "training": {"max_steps": 3, "batch_size": 2, "mixed_precision": "no"}, "optimizer": {"lr": 0.05}}
+    lora = distill(ROOT / "configs" / "flux_lcm_lora.yaml", tmp_path / "run", overrides=overrides, progress=False)
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    pipe = FluxPipeline.from_pretrained(tmp_path / "flux")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FlowMatchLCMScheduler.from_pretrained(lora, subfolder="scheduler")
+    kw = dict(num_inference_steps=1, height=32, width=32, output_type="latent")
+    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(lora)
+    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    # the in-memory student: the recipe's method with the run's LoRA weights put back (peft's own loader)
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from stepdistill.teachers.flux import unpack_latents
+
+    recipe = load_recipe(ROOT / "configs" / "flux_lcm_lora.yaml", ConsistencyRecipe, overrides)
+    method = ConsistencyDistillation(teacher, torch.randn(2, *shape), ["a cat", "a dog"], recipe.consistency, recipe.optimizer, None)
+    state = {k.removeprefix("transformer."): v for k, v in load_file(lora / "pytorch_lora_weights.safetensors").items()}
+    set_peft_model_state_dict(method.student, state)
+    noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    ours = method.sample(method.student, noise, teacher.encode(["a cat"]), num_steps=1)
+    diff = float((unpack_latents(after, *shape[1:]) - ours).abs().max())
+    assert diff <= 1e-4, diff
+    assert (after - before).abs().max() > 1e-4

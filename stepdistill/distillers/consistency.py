@@ -17,8 +17,11 @@ Notation (Song et al. 2023; Luo et al. 2023, "Latent Consistency Models"; Wang e
   L2 or pseudo-Huber distance sqrt(|a - b|² + c²) - c (elementwise, as LCM's scripts);
 - **LCM** parameterizes f_θ(x, t) = c_skip(t) x + c_out(t) x̂0_θ(x, t) with the boundary scalings
   of diffusers' ``LCMScheduler`` (c_skip(0) = 1, c_out(0) = 0; ``timestep_scaling`` = 10), taken
-  from that scheduler object -- the one the student is exported with. (Flow-matching teachers --
-  Flux -- are refused for now: their grid needs the pipeline's shifted sigmas; see docs/consistency.md);
+  from that scheduler object -- the one the student is exported with. Flow-matching teachers
+  (Flux) export a ``FlowMatchLCMScheduler``, whose step takes f_θ = x̂0_θ = x - sigma u_θ (no
+  scalings: the grid's last point is not the clean end, which the loss handles by its target);
+  their grid is the pipeline's own shifted sigmas (``mu``, ``sigmas``) at the training resolution,
+  and the Euler step of eq. 8 is the same DDIM step written in (x̂0, ε̂);
 - **PCM** splits the trajectory into K phases whose edges are the timesteps of the exported
   K-step DDIM-trailing scheduler (plus the clean end); f_θ(x, t) is the DDIM jump from t to the
   edge below t, ``alpha_e x̂0_θ + sigma_e ε̂_θ`` (PCM eq. 6), so the K-step DDIM sampler of the
@@ -54,7 +57,7 @@ from ..errors import RecipeError, StepdistillError
 from ..export import make_student_scheduler, student_timesteps
 from ..training.trainer import Role, StepContext, Trainer, TrainingMethod
 from .common import add_lora, check_finite, has_lora, merge_lora
-from .student import build_pipeline, denoiser_name, with_network
+from .student import build_pipeline, denoiser_name, pipeline_timestep_kwargs, with_network
 
 END = -1  # the clean end of the trajectory: alpha = 1, sigma = 0
 
@@ -101,11 +104,15 @@ class ConsistencyRecipe:
 # Schedules of the student: solver grid, export scheduler, phase edges
 # =============================================================================================
 def export_scheduler(teacher_scheduler, section: ConsistencySection):
-    """The scheduler the student is trained for and exported with (LCM, or DDIM trailing for PCM)."""
-    from diffusers import LCMScheduler
+    """The scheduler the student is trained for and exported with: LCM's (``LCMScheduler`` for VP
+    teachers, ``FlowMatchLCMScheduler`` for flow matching), or for PCM the K-step DDIM-trailing /
+    flow Euler scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
 
     if section.method == "pcm":
         return make_student_scheduler(teacher_scheduler, section.num_phases)
+    if isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowMatchLCMScheduler.from_config(teacher_scheduler.config)
     return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=section.num_solver_steps)
 
 
@@ -114,9 +121,9 @@ def solver_grid(teacher_scheduler, num_solver_steps: int, **kwargs) -> torch.Ten
     return student_timesteps(make_student_scheduler(teacher_scheduler, num_solver_steps), num_solver_steps, **kwargs).float()
 
 
-def phase_edges(scheduler, num_phases: int, grid: torch.Tensor, num_solver_steps: int) -> torch.Tensor:
+def phase_edges(scheduler, num_phases: int, grid: torch.Tensor, num_solver_steps: int, **kwargs) -> torch.Tensor:
     """The K phase edges (the exported K-step timesteps) followed by END; each must be on the grid."""
-    edges = student_timesteps(scheduler, num_phases).float()
+    edges = student_timesteps(scheduler, num_phases, **kwargs).float()
     on_grid = all(bool((grid - e).abs().min() < 1e-3) for e in edges)
     if num_solver_steps % num_phases or not on_grid:
         raise RecipeError(
@@ -179,16 +186,24 @@ class _GuidanceInput:
 
 
 def w_conditioned_copy(network: nn.Module, dim: int) -> nn.Module:
-    """A copy of a UNet2DConditionModel with ``time_cond_proj_dim = dim``, the teacher's weights,
-    and a zero-initialized w projection (so it starts as the teacher)."""
-    from diffusers import UNet2DConditionModel
+    """A copy of the teacher's UNet with ``time_cond_proj_dim = dim``, the teacher's weights and a
+    zero-initialized w projection (so it starts as the teacher): a UNet2DConditionModel for SD /
+    SDXL, our ``GuidanceUNet2DModel`` (UNet2DModel + the same input) for pixel teachers."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
-    if not isinstance(network, UNet2DConditionModel):
+    from ..pipelines.guidance_unet_2d import GuidanceUNet2DModel
+
+    if isinstance(network, UNet2DConditionModel):
+        cls = UNet2DConditionModel
+    elif isinstance(network, UNet2DModel):
+        cls = GuidanceUNet2DModel
+    else:
         raise RecipeError(
-            f"consistency.w_embedding needs a UNet2DConditionModel (time_cond_proj_dim); this teacher's network is "
+            f"consistency.w_embedding needs a UNet (UNet2DConditionModel / UNet2DModel); this teacher's network is "
             f"{type(network).__name__}: use a fixed guidance (guidance_range [w, w]) instead"
         )
-    student = UNet2DConditionModel.from_config({**network.config, "time_cond_proj_dim": dim})
+    config = {k: v for k, v in network.config.items() if not k.startswith("_")}
+    student = cls.from_config({**config, "time_cond_proj_dim": dim})
     missing, unexpected = student.load_state_dict(network.state_dict(), strict=False)
     if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
         raise StepdistillError(f"cannot copy the teacher into a w-conditioned UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -218,11 +233,6 @@ class ConsistencyDistillation(TrainingMethod):
         self.conditions = conditions
         self.schedule = teacher.schedule
         self.prediction_type = teacher.prediction_type
-        if self.schedule.kind != "vp":
-            raise StepdistillError(
-                f"consistency distillation of flow-matching teachers ({teacher.family}) is not implemented yet: "
-                "its solver grid would need the pipeline's shifted sigmas (mu); use a VP teacher (pixel, SD 1.x/2.x, SDXL)"
-            )
         lo, hi = s.guidance_range
         if lo > hi or lo < 1.0:
             raise RecipeError(f"consistency.guidance_range must be [lo, hi] with 1 <= lo <= hi; got {[lo, hi]}")
@@ -231,14 +241,18 @@ class ConsistencyDistillation(TrainingMethod):
                 f"consistency.guidance_range {[lo, hi]} spans several w but w_embedding is off: the student could not "
                 "tell them apart; set w_embedding: true or a single w ([w, w])"
             )
+        self.shape = tuple(data.shape[1:])
         self.scheduler = export_scheduler(teacher.scheduler, s)
         self.num_steps = s.num_phases if s.method == "pcm" else s.num_inference_steps
-        self.grid = solver_grid(teacher.scheduler, s.num_solver_steps)
-        self.edges = phase_edges(self.scheduler, s.num_phases, self.grid, s.num_solver_steps) if s.method == "pcm" else None
+        self.grid = solver_grid(teacher.scheduler, s.num_solver_steps, **self.timestep_kwargs(s.num_solver_steps))
+        self.edges = None
+        if s.method == "pcm":
+            self.edges = phase_edges(self.scheduler, s.num_phases, self.grid, s.num_solver_steps, **self.timestep_kwargs(s.num_phases))
         if s.method == "lcm":
-            exported = student_timesteps(self.scheduler, self.num_steps).float()
+            exported = student_timesteps(self.scheduler, self.num_steps, **self.timestep_kwargs(self.num_steps)).float()
             if any(bool((self.grid - t).abs().min() > 1e-3) for t in exported):
-                raise RecipeError(f"the exported {self.num_steps}-step timesteps {exported.tolist()} are not on the solver grid")
+                hint = " (flow teachers: num_inference_steps must divide num_solver_steps)" if self.schedule.kind == "flow" else ""
+                raise RecipeError(f"the exported {self.num_steps}-step timesteps {exported.tolist()} are not on the solver grid{hint}")
 
         network = getattr(teacher, denoiser_name(teacher))
         self.w_input = None
@@ -257,6 +271,10 @@ class ConsistencyDistillation(TrainingMethod):
 
     def roles(self) -> dict[str, Role]:
         return {"student": Role(self.student, optimizer=self.optimizer, ema=self.ema), "teacher": Role(self.teacher)}
+
+    def timestep_kwargs(self, num_steps: int) -> dict:
+        """``set_timesteps`` arguments of the stock pipeline at this resolution (Flux: mu, sigmas)."""
+        return pipeline_timestep_kwargs(self.teacher, self.shape, num_steps)
 
     # -- pieces --------------------------------------------------------------------------------
     def _cond_at(self, idx):
@@ -360,15 +378,17 @@ class ConsistencyDistillation(TrainingMethod):
         if self.w_input is not None:
             check_guidance(guidance_scale, self.section.guidance_range)
         scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(num_steps or self.num_steps, device=noise.device)
+        steps = num_steps or self.num_steps
+        scheduler.set_timesteps(steps, device=noise.device, **self.timestep_kwargs(steps))
         x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         adapter = with_network(self.teacher, network)
         takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # flow schedulers have none
         w = torch.tensor(float(guidance_scale))
         for t in scheduler.timesteps:
             guard = self.w_input.at(w) if self.w_input is not None else contextlib.nullcontext()
             with guard:
-                out = adapter.guided_output(scheduler.scale_model_input(x, t), t, cond, 1.0 if self.w_input is not None else guidance_scale)
+                out = adapter.guided_output(scale(x, t), t, cond, 1.0 if self.w_input is not None else guidance_scale)
             kwargs = {"generator": generator} if takes_generator else {}
             x = scheduler.step(out, t, x, **kwargs).prev_sample
         return x
@@ -419,6 +439,8 @@ def save_consistency_pipeline(method: ConsistencyDistillation, network: nn.Modul
             metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite,
         )
     pipe = build_pipeline(teacher, network, scheduler)
+    if teacher.family == "flux":  # FluxPipeline's guidance_scale is FLUX.1-dev's embedded guidance
+        w = getattr(teacher, "embedded_guidance_scale", 1.0)
     usage = PipelineUsage(pipeline_class=type(pipe).__name__, num_inference_steps=steps, guidance_scale=w)
     return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
                             usage, model_card_info, metrics, metrics_command)
@@ -439,7 +461,8 @@ def save_lcm_lora(method: ConsistencyDistillation, network: nn.Module, output_di
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(network).items()}
-    pipeline_cls.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    # unet_lora_layers (SD / SDXL) or transformer_lora_layers (Flux)
+    pipeline_cls.save_lora_weights(out, **{f"{denoiser_name(method.teacher)}_lora_layers": layers}, safe_serialization=True)
     method.scheduler.save_pretrained(out / "scheduler")
     return out
 
@@ -478,9 +501,10 @@ def training_data(teacher, recipe: ConsistencyRecipe):
     index = cached["prompt_index"].long()
     if not prompts or int(index.max()) >= len(prompts):
         raise RecipeError(f"data: prompt_index refers to {int(index.max()) + 1} prompts but the recipe lists {len(prompts)}")
-    shape = tuple(teacher.sample_shape())
-    if tuple(cached["latents"].shape[1:]) != shape:
-        raise RecipeError(f"data.latents have shape {tuple(cached['latents'].shape[1:])}; this teacher's latents are {shape}")
+    # the latents' size is the training resolution (Flux's solver grid depends on it); channels must match
+    channels = teacher.sample_shape()[0]
+    if cached["latents"].ndim != 4 or cached["latents"].shape[1] != channels:
+        raise RecipeError(f"data.latents have shape {tuple(cached['latents'].shape[1:])}; this teacher's latents have {channels} channels [C, h, w]")
     return cached["latents"].float(), [prompts[i] for i in index.tolist()]
 
 

@@ -33,6 +33,13 @@ def denoiser_name(teacher) -> str:
     raise StepdistillError(f"{type(teacher).__name__} has no 'unet' or 'transformer' network")
 
 
+def pipeline_timestep_kwargs(teacher, sample_shape, num_steps: int) -> dict:
+    """What the family's stock pipeline passes to ``scheduler.set_timesteps`` besides the step
+    count: nothing for VP teachers; ``mu`` (resolution shift) and ``sigmas`` for Flux."""
+    kwargs = teacher.sampler_kwargs(sample_shape, num_steps) if hasattr(teacher, "sampler_kwargs") else {}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def with_network(teacher, network: nn.Module):
     """A shallow copy of the teacher adapter whose denoiser is ``network`` (everything else shared)."""
     clone = copy.copy(teacher)
@@ -57,9 +64,7 @@ class StudentSampler:
     @classmethod
     def for_teacher(cls, teacher, num_steps: int, sample_shape) -> "StudentSampler":
         scheduler = make_student_scheduler(teacher.scheduler, num_steps)
-        kwargs = teacher.sampler_kwargs(sample_shape, num_steps) if hasattr(teacher, "sampler_kwargs") else {}
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        return cls(scheduler, num_steps, kwargs)
+        return cls(scheduler, num_steps, pipeline_timestep_kwargs(teacher, sample_shape, num_steps))
 
     def check_timesteps(self, expected) -> None:
         """A recipe that writes its timesteps down must agree with the exported scheduler."""
@@ -145,4 +150,4 @@ def build_pipeline(teacher, network: nn.Module, scheduler):
     raise StepdistillError(f"no stock pipeline export for teacher family {teacher.family!r}")
 
 
-__all__ = ["StudentSampler", "build_pipeline", "denoiser_name", "save_student_pipeline", "with_network"]
+__all__ = ["StudentSampler", "build_pipeline", "denoiser_name", "pipeline_timestep_kwargs", "save_student_pipeline", "with_network"]
