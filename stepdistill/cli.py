@@ -5,6 +5,7 @@
     stepdistill train-classifier --output outputs/digits_classifier.safetensors
     stepdistill bench digits [PIPELINE_DIR]
     stepdistill export RUN_DIR OUTPUT_DIR
+    stepdistill curve RUN_DIR [RUN_DIR ...] --output curve.png
     stepdistill sample PIPELINE_DIR --output grid.png
 
 Every subcommand imports its heavy modules lazily, so ``--help`` is instant. Bad input
@@ -50,6 +51,19 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         return
     out = distill(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     print(f"student pipeline written to {out}")
+
+
+def _cmd_curve(args: argparse.Namespace) -> None:
+    from .evaluation.report import save_training_curves
+
+    references = {}
+    for item in args.reference or []:
+        label, _, value = item.rpartition("=")
+        try:
+            references[label] = float(value)
+        except ValueError:
+            raise StepdistillError(f"--reference takes LABEL=VALUE; got {item!r}") from None
+    print(f"curve written to {save_training_curves(args.run_dirs, args.output, names=args.names, metric=args.metric, references=references)}")
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
@@ -174,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--make-pairs", type=int, default=0, metavar="N",
                    help="instead of training: cache N teacher ODE pairs for DMD's regression loss (dmd.regression_pairs)")
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("curve", help="plot FD against training minutes from distillation runs' curve.jsonl",
+                       description="Plot a metric of the periodic evaluation (curve.jsonl) against wall-clock minutes, "
+                       "one line per run directory.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `stepdistill distill`")
+    p.add_argument("--output", default="curve.png", help="PNG to write")
+    p.add_argument("--names", nargs="+", default=None, help="legend names (default: directory names)")
+    p.add_argument("--metric", default="fd", help="column of curve.jsonl (fd, accuracy, precision, recall, ...)")
+    p.add_argument("--reference", nargs="+", default=None, metavar="LABEL=VALUE", help="horizontal reference lines")
+    p.set_defaults(func=_cmd_curve)
 
     p = sub.add_parser("train-classifier", help="retrain the digits classifier that defines the digits FD",
                        description="Retrain the digits classifier (its penultimate features define the digits FD; "

@@ -12,7 +12,7 @@ from tiny_pipelines import tiny_pixel_unet
 from stepdistill.cli import build_parser, main
 from stepdistill.export import save_class_conditional_pipeline
 
-SUBCOMMANDS = ["train-teacher", "train-classifier", "bench", "export", "sample"]
+SUBCOMMANDS = ["train-teacher", "train-classifier", "bench", "export", "sample", "curve"]
 
 
 def test_console_script_help_lists_every_subcommand():
@@ -51,3 +51,17 @@ def test_sample_writes_a_grid(tmp_path, capsys):
     grid = Image.open(out)
     # 10 columns x 2 rows of 8x8 digits with 1-pixel padding, zoomed 4x
     assert grid.size == ((10 * 9 + 1) * 4, (2 * 9 + 1) * 4)
+
+
+def test_curve_plots_each_runs_fd_against_minutes(tmp_path, capsys):
+    import json
+
+    for name, fds in {"a": [30.0, 20.0], "b": [25.0, 12.0, 9.0]}.items():
+        (tmp_path / name).mkdir()
+        rows = [{"step": 100 * (i + 1), "minutes": 1.5 * (i + 1), "fd": fd} for i, fd in enumerate(fds)]
+        (tmp_path / name / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "curve.png"
+    assert main(["curve", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(out), "--reference", "teacher 10-step=16.5"]) == 0
+    assert Image.open(out).size[0] > 300
+    _one_line_error(capsys, ["curve", str(tmp_path), "--output", str(out)], "no curve.jsonl")
+    _one_line_error(capsys, ["curve", str(tmp_path / "a"), "--output", str(out), "--reference", "teacher"], "LABEL=VALUE")

@@ -167,6 +167,55 @@ def save_plot(results: dict, path: Path) -> str:
     return str(path)
 
 
+def read_curve(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of a distillation run's ``curve.jsonl`` (step, minutes, fd, ... at each evaluation)."""
+    from ..errors import StepdistillError
+
+    path = Path(run_dir) / "curve.jsonl"
+    if not path.is_file():
+        raise StepdistillError(f"{run_dir} has no curve.jsonl (digits distillation runs write one at every evaluation)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise StepdistillError(f"{path} is empty: the run has not evaluated yet")
+    return rows
+
+
+def save_training_curves(run_dirs, path: str | os.PathLike, names=None, metric: str = "fd", references=None) -> str:
+    """``metric`` against wall-clock minutes for each run's ``curve.jsonl`` (one line per run);
+    ``references``: {label: value} drawn as horizontal lines (e.g. teacher rows at the same N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(names) if names else [Path(d).name for d in run_dirs]
+    if len(names) != len(run_dirs):
+        from ..errors import StepdistillError
+
+        raise StepdistillError(f"{len(names)} names for {len(run_dirs)} runs")
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    samples = set()
+    for run_dir, name in zip(run_dirs, names):
+        rows = [r for r in read_curve(run_dir) if r.get(metric) is not None]
+        axis.plot([r["minutes"] for r in rows], [r[metric] for r in rows], marker="o", label=name)
+        info = Path(run_dir) / "run.json"
+        if info.is_file():
+            samples.add(json.loads(info.read_text()).get("recipe", {}).get("training", {}).get("num_eval_samples"))
+    for i, (label, value) in enumerate((references or {}).items()):
+        axis.axhline(value, color="grey", linestyle=["--", ":", "-."][i % 3], label=label)
+    n = ", ".join(str(v) for v in sorted(x for x in samples if x)) or "?"
+    axis.set_xlabel("training wall-clock minutes")
+    axis.set_ylabel(f"{metric.upper()} ({n} samples, periodic evaluation)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    tmp = str(path) + ".tmp.png"
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return str(path)
+
+
 def _write_text(path: Path, text: str) -> str:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
