@@ -79,6 +79,7 @@ def save_class_conditional_pipeline(
     *,
     num_inference_steps: int | None = None,
     guidance_scale: float = 1.0,
+    trained_guidance_range: tuple[float, float] | None = None,
     metrics: Metrics | None = None,
     metrics_command: str | None = None,
     model_card_info: ModelCardInfo | Mapping[str, Any] | None = None,
@@ -90,7 +91,8 @@ def save_class_conditional_pipeline(
     ``num_inference_steps`` / ``guidance_scale`` become the pipeline's defaults and the model
     card's usage (``num_inference_steps`` defaults to 50, the teacher setting). ``metrics``
     (rows of measured numbers) and ``metrics_command`` (the command that measured them) go into
-    the model card as given.
+    the model card as given. ``trained_guidance_range``: a w-conditioned student's training range of
+    w (the pipeline warns outside it).
     """
     if getattr(unet.config, "num_class_embeds", None) is None:
         raise StepdistillError("this UNet has no class embedding (num_class_embeds is None): use save_unconditional_pipeline")
@@ -118,6 +120,7 @@ def save_class_conditional_pipeline(
             "_diffusers_version": _diffusers_version(),
             "default_guidance_scale": usage.guidance_scale,
             "default_num_inference_steps": usage.num_inference_steps,
+            "trained_guidance_range": None if trained_guidance_range is None else [float(w) for w in trained_guidance_range],
             "scheduler": ["diffusers", type(scheduler).__name__],
             "unet": unet_entry,
         }

@@ -173,6 +173,8 @@ def test_w_embedding_pixel_student_exports_a_pipeline_driven_by_guidance_scale(t
         results[w] = theirs
     assert calls == [6] * 4  # 2 steps x 2 calls, never a doubled CFG batch
     assert (results[1.0] - results[2.5]).abs().max() > 1e-3  # the embedding matters
+    with pytest.warns(UserWarning, match="outside the range"):
+        pipe(labels[:1], guidance_scale=4.0, num_inference_steps=1)
     # a process that never imports stepdistill loads the custom UNet from the directory
     from safetensors.torch import save_file
 

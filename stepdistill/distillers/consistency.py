@@ -434,8 +434,9 @@ def save_consistency_pipeline(method: ConsistencyDistillation, network: nn.Modul
     network = copy.deepcopy(network)
     network._forward_pre_hooks.clear()  # the stock pipeline feeds timestep_cond itself
     if teacher.family == "pixel":
+        trained = method.section.guidance_range if method.w_input is not None else None
         return save_class_conditional_pipeline(
-            network, scheduler, output_dir, num_inference_steps=steps, guidance_scale=w, metrics=metrics,
+            network, scheduler, output_dir, num_inference_steps=steps, guidance_scale=w, trained_guidance_range=trained, metrics=metrics,
             metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite,
         )
     pipe = build_pipeline(teacher, network, scheduler)

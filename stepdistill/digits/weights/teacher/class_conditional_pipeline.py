@@ -11,7 +11,8 @@
 #   A UNet whose config has `time_cond_proj_dim` (a w-conditioned consistency student, e.g.
 #   `unet/guidance_unet_2d.py`) takes the guidance scale as an input instead, exactly as
 #   diffusers' LCM pipelines feed it: `timestep_cond = embedding(guidance_scale - 1)`, one pass,
-#   no CFG.
+#   no CFG. `trained_guidance_range` (model_index.json) is the range of w it was trained on: a
+#   guidance_scale outside it warns.
 # - the scheduler's `prediction_type` says what the network predicts; any diffusers scheduler
 #   with `set_timesteps` / `step` works (DDIM, DDPM, LCM, TCD, Euler, ...).
 # - `default_num_inference_steps` / `default_guidance_scale` (stored in model_index.json) are
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Union
 
 import torch
@@ -35,12 +37,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
         scheduler,
         default_num_inference_steps: int = 50,
         default_guidance_scale: float = 1.0,
+        trained_guidance_range: Optional[List[float]] = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(
             default_num_inference_steps=int(default_num_inference_steps),
             default_guidance_scale=float(default_guidance_scale),
+            trained_guidance_range=None if trained_guidance_range is None else [float(w) for w in trained_guidance_range],
         )
 
     @property
@@ -106,6 +110,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
         timestep_cond = None
         cond_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
         if cond_dim is not None:  # the student takes w itself: one pass, no CFG
+            trained = getattr(self.config, "trained_guidance_range", None)
+            if trained and not trained[0] - 1e-6 <= float(guidance_scale) <= trained[1] + 1e-6:
+                warnings.warn(
+                    f"guidance_scale {guidance_scale:g} is outside the range [{trained[0]:g}, {trained[1]:g}] this "
+                    "student's w-embedding was trained on: expect off-distribution samples",
+                    UserWarning,
+                    stacklevel=2,
+                )
             w = torch.full((batch,), float(guidance_scale) - 1.0)
             timestep_cond = StableDiffusionPipeline.get_guidance_scale_embedding(self, w, embedding_dim=cond_dim)
             timestep_cond = timestep_cond.to(self._execution_device, self.unet.dtype)
