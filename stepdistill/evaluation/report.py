@@ -159,6 +159,13 @@ def save_plot(results: dict, path: Path) -> str:
         axis.set_visible(False)
     axes.flat[0].legend(fontsize="small")
     figure.suptitle(f"{results['conditions']['num_samples']} samples per point, features: {results['feature']}", fontsize="medium")
+    return _save_figure(figure, path)
+
+
+def _save_figure(figure, path) -> str:
+    """Write a matplotlib figure to ``path`` atomically (no half-written PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     tmp = str(path) + ".tmp.png"
     figure.savefig(tmp, dpi=110)
@@ -208,12 +215,7 @@ def save_training_curves(run_dirs, path: str | os.PathLike, names=None, metric: 
     axis.set_ylabel(f"{metric.upper()} ({n} samples, periodic evaluation)")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, path)
-    return str(path)
+    return _save_figure(figure, path)
 
 
 def _write_text(path: Path, text: str) -> str:
