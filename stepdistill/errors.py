@@ -15,3 +15,7 @@ class RecipeError(StepdistillError, ValueError):
 
 class OutputDirError(StepdistillError):
     """An output directory that already holds a different run (see --overwrite / --resume)."""
+
+
+class DataError(StepdistillError):
+    """A dataset, image folder, prompt file or tensor cache that cannot be used as given."""
