@@ -35,16 +35,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, TypeVar, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
 
 from .errors import RecipeError
 
 T = TypeVar("T")
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +124,57 @@ def load_recipe(path: str | os.PathLike, recipe_cls: type[T], overrides: Mapping
         return from_dict(recipe_cls, data)
     except RecipeError as exc:
         raise RecipeError(f"{os.fspath(path)}: {exc}") from None
+
+
+def parse_set_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--set key.sub=value`` items -> nested overrides for :func:`merge`.
+
+    Values are parsed as YAML (``10`` -> int, ``null`` -> None, ``[1, 2]`` -> list, ``abc`` -> str),
+    so the result is validated exactly like the same value written in the file.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise RecipeError(f"--set takes KEY.SUB=VALUE (e.g. training.max_steps=100); got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {item}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item}: '{part}' was already set to a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def check_override_keys(recipe_cls: type, overrides: Mapping[str, Any], where: str = "") -> None:
+    """Name an unknown ``--set`` key as such (the whole path, its section, the nearest valid key)."""
+    hints = typing.get_type_hints(recipe_cls)
+    fields = {f.name for f in dataclasses.fields(recipe_cls)}
+    for key, value in overrides.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            section = f"section '{where}'" if where else "the top level"
+            raise RecipeError(f"--set {path}: unknown key '{key}' in {section}{_suggestion(str(key), fields)}")
+        hint = _dataclass_of(hints[key])
+        if hint is not None and isinstance(value, Mapping):
+            check_override_keys(hint, value, path)
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds (also through Optional[...]), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,6 +267,8 @@ def _check(value: Any, hint: Any, path: str) -> Any:
     if hint is Any:
         return value
     if hint is float:
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(path, hint, value)
         return float(value)
@@ -260,6 +315,8 @@ def _type_name(hint: Any) -> str:
 
 
 __all__ = [
+    "check_override_keys",
+    "parse_set_overrides",
     "EMAConfig",
     "OptimizerConfig",
     "TrainingConfig",

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 import pytest
 
 from stepdistill.config import OptimizerConfig, TrainingConfig, from_dict, load_recipe, to_dict
-from stepdistill.digits.teacher import DigitsTeacherRecipe
+from stepdistill.training.teacher import TeacherRecipe
 from stepdistill.errors import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,9 +115,9 @@ def test_load_recipe_reports_the_file_and_applies_overrides(tmp_path):
 
 
 def test_shipped_teacher_recipe_validates():
-    recipe = load_recipe(REPO / "configs" / "digits_teacher.yaml", DigitsTeacherRecipe)
+    recipe = load_recipe(REPO / "configs" / "digits_teacher.yaml", TeacherRecipe)
     assert recipe.scheduler.prediction_type == "v_prediction"
     assert recipe.scheduler.timestep_spacing == "trailing"
     assert isinstance(recipe.training, TrainingConfig) and recipe.training.max_steps > 0
     with pytest.raises(RecipeError, match="'training.mixed_precision' must be one of"):
-        load_recipe(REPO / "configs" / "digits_teacher.yaml", DigitsTeacherRecipe, {"training": {"mixed_precision": "fp32"}})
+        load_recipe(REPO / "configs" / "digits_teacher.yaml", TeacherRecipe, {"training": {"mixed_precision": "fp32"}})
