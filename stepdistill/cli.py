@@ -1,7 +1,7 @@
 """The ``stepdistill`` command line.
 
     stepdistill train-teacher configs/digits_teacher.yaml --output-dir runs/teacher
-    stepdistill distill configs/digits_dmd2.yaml --output-dir runs/digits_dmd2
+    stepdistill distill configs/digits_dmd2.yaml --output-dir runs/digits_dmd2 [--set key.sub=value ...]
     stepdistill train-classifier --output outputs/digits_classifier.safetensors
     stepdistill bench digits [PIPELINE_DIR]
     stepdistill export RUN_DIR OUTPUT_DIR
@@ -22,35 +22,28 @@ from .errors import StepdistillError
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> None:
-    from .digits.teacher import train_teacher
+    from .training.teacher import train_teacher
 
-    out = train_teacher(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    out = train_teacher(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite, set_items=args.set)
     print(f"teacher pipeline written to {out}")
 
 
-# A recipe's top-level ``method:`` -> the distiller module that runs it; recipes without one are DMD/DMD2.
-DISTILLERS = {"lcm": "consistency", "pcm": "consistency"}
-
-
 def _cmd_distill(args: argparse.Namespace) -> None:
-    import importlib
+    from .distillers.run import distill, load_recipe_teacher, open_run_data
 
-    from .config import load_yaml
-    from .distillers.distribution_matching import distill, make_ode_pairs
-
-    method = load_yaml(args.recipe).get("method")
-    if method in DISTILLERS:
-        if args.make_pairs:
-            raise StepdistillError(f"--make-pairs is for DMD recipes; {args.recipe} is a {method} recipe")
-        module = importlib.import_module(f".distillers.{DISTILLERS[method]}", __package__)
-        out = module.distill(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
-        print(f"student written to {out}")
-        return
     if args.make_pairs:
-        print(f"teacher ODE pairs written to {make_ode_pairs(args.recipe, args.make_pairs)}")
+        from .distillers.distribution_matching import make_ode_pairs
+        from .distillers.registry import load_distill_recipe
+
+        recipe = load_distill_recipe(args.recipe, set_items=args.set)
+        if recipe.method not in ("dmd", "dmd2"):
+            raise StepdistillError(f"--make-pairs is for DMD recipes; {args.recipe} is a {recipe.method} recipe")
+        teacher = load_recipe_teacher(recipe)
+        path = make_ode_pairs(recipe, teacher, open_run_data(teacher, recipe).pool, args.make_pairs)
+        print(f"teacher ODE pairs written to {path}")
         return
-    out = distill(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
-    print(f"student pipeline written to {out}")
+    out = distill(args.recipe, args.output_dir, set_items=args.set, resume=args.resume, overwrite=args.overwrite)
+    print(f"student written to {out}")
 
 
 def _cmd_curve(args: argparse.Namespace) -> None:
@@ -90,10 +83,16 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .export import export_run
+    import json
 
-    out = export_run(args.run_dir, args.output_dir, ema=not args.no_ema, overwrite=args.overwrite)
-    print(f"pipeline written to {out}")
+    run_file = os.path.join(args.run_dir, "run.json")
+    kind = json.load(open(run_file)).get("kind") if os.path.isfile(run_file) else None
+    if kind == "distill":
+        from .distillers.run import export_run_dir as export
+    else:
+        from .export import export_run as export
+    out = export(args.run_dir, args.output_dir, ema=not args.no_ema, overwrite=args.overwrite)
+    print(f"written to {out}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -169,20 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("train-teacher", help="train the digits teacher from a recipe and export it as a pipeline",
-                       description="Train a class-conditional digits teacher from a YAML recipe "
-                       "(configs/digits_teacher.yaml) and export its EMA weights as a diffusers pipeline.")
-    p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_teacher.yaml")
-    p.add_argument("--output-dir", default="runs/digits_teacher", help="run directory (checkpoints, logs, exported pipeline)")
+    set_help = "override a recipe key (repeatable), validated like the file, e.g. --set training.max_steps=100"
+    p = sub.add_parser("train-teacher", help="train a pixel teacher on an image folder / dataset and export it as a pipeline",
+                       description="Train a pixel UNet2DModel teacher from a YAML recipe on the images it names "
+                       "(data.images: an image folder, a `datasets` directory or `digits`) and export its EMA weights: "
+                       "a stock DDPMPipeline (unconditional data) or a ClassConditionalPipeline (class sub-folders).")
+    p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_teacher.yaml or configs/shapes_teacher.yaml")
+    p.add_argument("--output-dir", default="runs/teacher", help="run directory (checkpoints, logs, exported pipeline)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
     p.set_defaults(func=_cmd_train_teacher)
 
-    p = sub.add_parser("distill", help="distill a few-step student from a teacher (DMD/DMD2, LCM, PCM recipes)",
-                       description="Train a few-step student with a distillation recipe (configs/digits_dmd2.yaml) and "
-                       "export it as a drop-in diffusers pipeline (OUTPUT_DIR/pipeline). See docs/dmd2.md.")
-    p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_dmd2.yaml")
-    p.add_argument("--output-dir", default="runs/digits_dmd2", help="run directory (checkpoints, logs, curve, exported pipeline)")
+    p = sub.add_parser("distill", help="distill a few-step student from a teacher (DMD, DMD2, LCM, PCM ...)",
+                       description="Train a few-step student with a distillation recipe (its `method:` picks the distiller) "
+                       "and export it as a drop-in diffusers pipeline (OUTPUT_DIR/pipeline) or, for a LoRA student of a "
+                       "latent teacher, a LoRA file (OUTPUT_DIR/lora). See docs/dmd2.md, docs/consistency.md.")
+    p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_dmd2.yaml or configs/pixel_dmd2.yaml")
+    p.add_argument("--output-dir", default="runs/distill", help="run directory (checkpoints, logs, curve, exported student)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
     p.add_argument("--make-pairs", type=int, default=0, metavar="N",
@@ -220,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("export", help="export a training run's model as a diffusers pipeline directory",
-                       description="Export the (EMA) weights of a training run directory as a drop-in diffusers pipeline.")
+    p = sub.add_parser("export", help="export a training run's model as a diffusers pipeline directory (or LoRA file)",
+                       description="Export the (EMA) weights of a training run (train-teacher or distill, any method and family) "
+                       "as the run exports them at its end: a drop-in diffusers pipeline, or a LoRA file for LoRA students.")
     p.add_argument("run_dir", help="run directory written by train-teacher / distill")
     p.add_argument("output_dir", help="pipeline directory to write")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")

@@ -2,10 +2,10 @@
 
 - :func:`save_class_conditional_pipeline`: our ``ClassConditionalPipeline`` (its code travels
   in the directory), loaded with ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)``.
-- :func:`save_unconditional_pipeline`: a stock ``DDIMPipeline`` directory, for students of
-  unconditional DDPM/DDIM teachers.
-- :func:`export_run` (``stepdistill export RUN_DIR OUTPUT_DIR``): either of the above from a
-  training run, using the settings the run recorded with :func:`export_info`.
+- :func:`save_unconditional_pipeline`: a stock ``DDIMPipeline`` / ``DDPMPipeline`` directory, for
+  unconditional teachers and their students.
+- :func:`export_run` (``stepdistill export RUN_DIR OUTPUT_DIR`` of a teacher-training run): either
+  of the above, using the settings the run recorded with :func:`export_info`.
 
 Both write atomically (the directory is built next to ``output_dir`` and renamed into place),
 refuse a non-empty ``output_dir`` unless ``overwrite=True``, and write a model card.
@@ -135,32 +135,36 @@ def save_unconditional_pipeline(
     output_dir: str | os.PathLike,
     *,
     num_inference_steps: int | None = None,
+    pipeline_class: str | None = None,
     metrics: Metrics | None = None,
     metrics_command: str | None = None,
     model_card_info: ModelCardInfo | Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write an unconditional ``unet`` + ``DDIMScheduler`` as a stock ``DDIMPipeline`` directory.
-
-    The scheduler must be a ``DDIMScheduler`` (e.g. from :func:`make_student_scheduler`):
-    ``DDIMPipeline`` converts anything else to DDIM, which would change the sampled timesteps.
-    ``num_inference_steps`` goes into the model card's usage (the stock pipeline has no
+    """Write an unconditional ``unet`` + ``scheduler`` as a stock ``DDIMPipeline`` (a
+    ``DDIMScheduler``) or ``DDPMPipeline`` (any other scheduler: DDPMPipeline only calls
+    ``scheduler.step``, so an LCM / TCD / DDPM scheduler samples exactly the trained timesteps;
+    ``DDIMPipeline`` would convert it to DDIM). ``pipeline_class`` forces one of the two.
+    ``num_inference_steps`` goes into the model card's usage (the stock pipelines have no
     per-directory default).
     """
-    from diffusers import DDIMPipeline
+    import diffusers
 
     if getattr(unet.config, "num_class_embeds", None) is not None:
         raise StepdistillError("this UNet is class-conditional (num_class_embeds is set): use save_class_conditional_pipeline")
-    if type(scheduler) is not DDIMScheduler:
+    pipeline_class = pipeline_class or ("DDIMPipeline" if type(scheduler) is DDIMScheduler else "DDPMPipeline")
+    if pipeline_class == "DDIMPipeline" and type(scheduler) is not DDIMScheduler:
         raise StepdistillError(
-            f"a DDIMPipeline samples with DDIMScheduler; got {type(scheduler).__name__} "
-            "(build the student's scheduler with make_student_scheduler)"
+            f"a DDIMPipeline samples with DDIMScheduler; got {type(scheduler).__name__} (use a DDPMPipeline, "
+            "or build the student's scheduler with make_student_scheduler)"
         )
+    if pipeline_class not in ("DDIMPipeline", "DDPMPipeline"):
+        raise StepdistillError(f"unconditional pipelines are exported as DDIMPipeline or DDPMPipeline; got {pipeline_class!r}")
     steps = _check_steps(scheduler, 50 if num_inference_steps is None else num_inference_steps)
-    usage = PipelineUsage(pipeline_class="DDIMPipeline", num_inference_steps=steps)
+    usage = PipelineUsage(pipeline_class=pipeline_class, num_inference_steps=steps)
 
     def build(tmp: Path) -> None:
-        DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        getattr(diffusers, pipeline_class)(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
 
     return _write_directory(output_dir, overwrite, build, usage, model_card_info, metrics, metrics_command)
 
@@ -175,6 +179,7 @@ def export_info(
     role: str = "unet",
     num_inference_steps: int | None = None,
     guidance_scale: float = 1.0,
+    pipeline_class: str | None = None,
     model_card_info: ModelCardInfo | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """How :func:`export_run` exports a run, as JSON: trainers store it as ``run_info["export"]``
@@ -187,6 +192,7 @@ def export_info(
         "scheduler": config,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": float(guidance_scale),
+        "pipeline_class": pipeline_class,  # unconditional models: DDIMPipeline / DDPMPipeline (None: by scheduler)
         "model_card": dataclasses.asdict(ModelCardInfo.coerce(model_card_info)),
     }
 
@@ -199,9 +205,10 @@ def export_run(
     overwrite: bool = False,
     checkpoint: str | os.PathLike | None = None,
 ) -> Path:
-    """Export a training run's (EMA) model from its latest checkpoint (or ``checkpoint``) as a
-    pipeline directory: class-conditional UNets as ``ClassConditionalPipeline``, others as
-    ``DDIMPipeline``."""
+    """Export a teacher-training run's (EMA) model from its latest checkpoint (or ``checkpoint``) as a
+    pipeline directory: class-conditional UNets as ``ClassConditionalPipeline``, others as the
+    recorded stock pipeline (``DDPMPipeline`` / ``DDIMPipeline``). Distillation runs are exported
+    by :func:`stepdistill.distillers.run.export_run_dir` (``stepdistill export`` picks)."""
     import diffusers
 
     from .training.checkpoint import load_trained_model
@@ -224,7 +231,7 @@ def export_run(
         overwrite=overwrite,
     )
     if getattr(model.config, "num_class_embeds", None) is None:
-        return save_unconditional_pipeline(model, scheduler, output_dir, **common)
+        return save_unconditional_pipeline(model, scheduler, output_dir, pipeline_class=info.get("pipeline_class"), **common)
     return save_class_conditional_pipeline(model, scheduler, output_dir, guidance_scale=info.get("guidance_scale", 1.0), **common)
 
 

@@ -12,15 +12,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, TCDScheduler, UNet2DModel
 
-from stepdistill.config import OptimizerConfig, TrainingConfig, load_recipe
-from stepdistill.distillers.consistency import (
-    ConsistencyDistillation,
-    ConsistencyRecipe,
-    ConsistencySection,
-    save_consistency_pipeline,
-    save_lcm_lora,
-)
-from stepdistill.distillers.student import build_pipeline
+from stepdistill.config import TrainingConfig, from_dict
+from stepdistill.distillers.base import RunData
+from stepdistill.distillers.consistency import ConsistencyDistillation, ConsistencyRecipe
+from stepdistill.distillers.registry import load_distill_recipe
+from stepdistill.distillers.run import distill, export_student
 from stepdistill.errors import RecipeError
 from stepdistill.export import student_timesteps
 from stepdistill.sampling import ddim_sample
@@ -45,12 +41,20 @@ def tiny_pixel_teacher(seed: int = 0) -> PixelUNetTeacher:
     return PixelUNetTeacher(unet, scheduler, pipeline_class="ClassConditionalPipeline")
 
 
-def pixel_method(section: ConsistencySection, lr: float = 1e-3, ema=None, seed: int = 0) -> ConsistencyDistillation:
+def consistency(teacher, data, conditions, method: str = "lcm", steps: int = 4, lr: float = 1e-3, ema=None, lora_rank: int = 0,
+                **section) -> ConsistencyDistillation:
+    """The method on in-memory data (samples in the network's space and their conditions)."""
+    recipe = from_dict(ConsistencyRecipe, {"method": method, "student": {"num_steps": steps, "lora_rank": lora_rank},
+                                           "consistency": section, "optimizers": {"student": {"lr": lr}}, "ema": ema})
+    return ConsistencyDistillation(teacher, recipe, RunData.in_memory(teacher, data, conditions))
+
+
+def pixel_method(method: str = "lcm", steps: int = 4, lr: float = 1e-3, ema=None, seed: int = 0, **section) -> ConsistencyDistillation:
     teacher = tiny_pixel_teacher(seed)
     g = torch.Generator().manual_seed(1)
     data = torch.rand(64, 1, 8, 8, generator=g) * 2 - 1
     labels = torch.arange(64) % 10
-    return ConsistencyDistillation(teacher, data, labels, section, OptimizerConfig(lr=lr), ema)
+    return consistency(teacher, data, labels, method, steps, lr, ema, **section)
 
 
 def train(method, tmp_path, steps: int, batch_size: int = 16) -> Trainer:
@@ -62,10 +66,10 @@ def train(method, tmp_path, steps: int, batch_size: int = 16) -> Trainer:
 
 # -- LCM: export ------------------------------------------------------------------------------
 def test_lcm_export_is_an_lcm_pipeline_reproducing_the_in_memory_sampler(tmp_path):
-    method = pixel_method(ConsistencySection(method="lcm", num_solver_steps=20, num_inference_steps=4, guidance_range=(2.0, 2.0)), ema=None)
+    method = pixel_method("lcm", steps=4, num_solver_steps=20, guidance_range=(2.0, 2.0))
     trainer = train(method, tmp_path, steps=2)
-    student = method.export_network(trainer)
-    out = save_consistency_pipeline(method, student, tmp_path / "pipe")
+    student = method.export_network(method.sampling_network(trainer))
+    out = export_student(method, student, tmp_path / "pipeline")
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert isinstance(pipe.scheduler, LCMScheduler)
     assert pipe.scheduler.config.original_inference_steps == 20
@@ -80,7 +84,7 @@ def test_lcm_export_is_an_lcm_pipeline_reproducing_the_in_memory_sampler(tmp_pat
     assert torch.allclose((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-5)
     assert pipe.config.default_num_inference_steps == 4
     # TCD sampling of the same student: same timesteps; gamma (the pipeline's eta) 0 is deterministic
-    tcd = DiffusionPipeline.from_pretrained(save_consistency_pipeline(method, student, tmp_path / "tcd", sampler="tcd"), trust_remote_code=True)
+    tcd = DiffusionPipeline.from_pretrained(tmp_path / "pipeline_tcd", trust_remote_code=True)  # written next to it
     assert isinstance(tcd.scheduler, TCDScheduler)
     assert student_timesteps(tcd.scheduler, 4).tolist() == exported
 
@@ -93,7 +97,7 @@ def test_lcm_export_is_an_lcm_pipeline_reproducing_the_in_memory_sampler(tmp_pat
 
 # -- PCM: phases ------------------------------------------------------------------------------
 def test_pcm_phase_edges_are_the_exported_ddim_timesteps():
-    method = pixel_method(ConsistencySection(method="pcm", num_solver_steps=20, num_phases=4))
+    method = pixel_method("pcm", steps=4, num_solver_steps=20)
     assert isinstance(method.scheduler, DDIMScheduler) and method.scheduler.config.timestep_spacing == "trailing"
     assert method.edges.tolist() == [999.0, 749.0, 499.0, 249.0, -1.0]
     t = torch.tensor([999, 979, 759, 749, 269, 249, 19])
@@ -109,14 +113,14 @@ def test_pcm_phase_edges_are_the_exported_ddim_timesteps():
 
 
 def test_phase_count_that_does_not_divide_the_schedule_is_a_clear_error():
-    with pytest.raises(RecipeError, match="num_phases=3 does not divide"):
-        pixel_method(ConsistencySection(method="pcm", num_solver_steps=20, num_phases=3))
+    with pytest.raises(RecipeError, match=r"student.num_steps=3 \(PCM phases\) does not divide"):
+        pixel_method("pcm", steps=3, num_solver_steps=20)
 
 
 def test_pcm_training_moves_few_step_samples_onto_the_teacher_ode(tmp_path):
     """The measured effect: after distillation the 2-step student lands closer to the teacher's
     8-step DDIM solution from the same noise than the undistilled 2-step sampler does."""
-    method = pixel_method(ConsistencySection(method="pcm", num_solver_steps=8, num_phases=2, loss="l2"), lr=2e-3)
+    method = pixel_method("pcm", steps=2, lr=2e-3, num_solver_steps=8, loss="l2")
     labels = torch.arange(32) % 10
     cond = method.teacher.encode(labels)
     noise = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -136,7 +140,7 @@ def test_guidance_range_needs_a_w_embedding_and_a_unet_that_takes_one():
     from stepdistill.distillers.consistency import w_conditioned_copy
 
     with pytest.raises(RecipeError, match="w_embedding is off"):
-        pixel_method(ConsistencySection(guidance_range=(1.0, 3.0)))
+        pixel_method(guidance_range=(1.0, 3.0))
     with pytest.raises(RecipeError, match="needs a UNet"):
         w_conditioned_copy(torch.nn.Linear(2, 2), 32)
 
@@ -147,8 +151,7 @@ def test_w_embedding_pixel_student_exports_a_pipeline_driven_by_guidance_scale(t
     in-memory sampler at each w, with one network pass per step (no CFG)."""
     from stepdistill.pipelines.guidance_unet_2d import GuidanceUNet2DModel
 
-    method = pixel_method(ConsistencySection(num_solver_steps=10, num_inference_steps=2, guidance_range=(1.0, 3.0),
-                                             w_embedding=True, w_embedding_dim=32))
+    method = pixel_method(steps=2, num_solver_steps=10, guidance_range=(1.0, 3.0), w_embedding=True, w_embedding_dim=32)
     teacher = method.teacher
     assert isinstance(method.student, GuidanceUNet2DModel) and method.student.config.time_cond_proj_dim == 32
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -157,7 +160,7 @@ def test_w_embedding_pixel_student_exports_a_pipeline_driven_by_guidance_scale(t
         start = method.consistency_fn(method.student, x, t, cond, torch.full((4,), 3.0))
     assert torch.allclose(start, method.consistency_fn(teacher.unet, x, t, cond, torch.ones(4)), atol=1e-6)
     torch.nn.init.normal_(method.student.time_embedding.cond_proj.weight, std=0.5)
-    out = save_consistency_pipeline(method, method.student, tmp_path / "pipe")
+    out = export_student(method, method.student, tmp_path / "pipe")
     assert (out / "unet" / "guidance_unet_2d.py").is_file()
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(pipe.unet).__name__ == "GuidanceUNet2DModel" and pipe.config.default_guidance_scale == 1.0
@@ -202,8 +205,8 @@ def sd_teacher(tmp_path):
 
 def test_w_embedding_student_is_driven_by_the_stock_pipelines_guidance_scale(tmp_path):
     teacher = sd_teacher(tmp_path)
-    section = ConsistencySection(num_solver_steps=10, num_inference_steps=2, guidance_range=(2.0, 4.0), w_embedding=True, w_embedding_dim=32)
-    method = ConsistencyDistillation(teacher, torch.randn(2, *teacher.sample_shape()), ["a", "b"], section, OptimizerConfig())
+    method = consistency(teacher, torch.randn(2, *teacher.sample_shape()), ["a", "b"], steps=2, num_solver_steps=10,
+                         guidance_range=(2.0, 4.0), w_embedding=True, w_embedding_dim=32)
     # zero-initialised w projection: the student starts as the (unguided) teacher
     x = torch.randn(2, *teacher.sample_shape(), generator=torch.Generator().manual_seed(0))
     cond = teacher.encode(["a", "b"])
@@ -211,7 +214,7 @@ def test_w_embedding_student_is_driven_by_the_stock_pipelines_guidance_scale(tmp
         start = method.consistency_fn(method.student, x, torch.tensor([999, 999]), cond, torch.full((2,), 3.0))
     assert torch.allclose(start, method.consistency_fn(teacher.unet, x, torch.tensor([999, 999]), cond, torch.ones(2)), atol=1e-5)
     torch.nn.init.normal_(method.student.time_embedding.cond_proj.weight, std=0.5)
-    out = save_consistency_pipeline(method, method.student, tmp_path / "pipe")
+    out = export_student(method, method.student, tmp_path / "pipe")
     pipe = DiffusionPipeline.from_pretrained(out)
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 32
     latents = torch.randn(1, *teacher.sample_shape(), generator=torch.Generator().manual_seed(1))
@@ -238,15 +241,15 @@ def test_lcm_lora_round_trip_through_load_lora_weights(tmp_path, family):
     pipe = tiny_sd_pipeline() if family == "sd" else tiny_sdxl_pipeline()
     pipe.save_pretrained(tmp_path / "teacher")
     teacher = load_teacher(tmp_path / "teacher")
-    section = ConsistencySection(num_solver_steps=10, num_inference_steps=2, guidance_range=(2.0, 2.0), lora_rank=4)
-    method = ConsistencyDistillation(teacher, torch.randn(4, *teacher.sample_shape()), ["a red square", "a cat", "b", "c"],
-                                     section, OptimizerConfig(lr=5e-2))
+    method = consistency(teacher, torch.randn(4, *teacher.sample_shape()), ["a red square", "a cat", "b", "c"], steps=2, lr=5e-2,
+                         ema={"decay": 0.95}, lora_rank=4, num_solver_steps=10, guidance_range=(2.0, 2.0))
     assert method.ema is None  # LCM-LoRA has no target network
     trainer = train(method, tmp_path, steps=3, batch_size=2)
     student = trainer.unwrap("student")
-    lora_dir = save_lcm_lora(method, student, tmp_path / "lora")
+    lora_dir = export_student(method, student, tmp_path / "lora")
+    assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
     kw = dict(num_inference_steps=2, guidance_scale=1.0, output_type="np")
-    in_memory = build_pipeline(teacher, student, method.scheduler)("a red square", generator=torch.Generator().manual_seed(0), **kw).images
+    in_memory = teacher.build_pipeline(student, method.scheduler)("a red square", generator=torch.Generator().manual_seed(0), **kw).images
 
     stock = type(pipe).from_pretrained(tmp_path / "teacher")
     stock.scheduler = LCMScheduler.from_pretrained(lora_dir, subfolder="scheduler")
@@ -260,16 +263,16 @@ def test_lcm_lora_round_trip_through_load_lora_weights(tmp_path, family):
 # -- recipes ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["digits_lcm.yaml", "digits_pcm.yaml"])
 def test_shipped_recipes_validate(name):
-    recipe = load_recipe(ROOT / "configs" / name, ConsistencyRecipe)
-    assert recipe.method == recipe.consistency.method
+    recipe = load_distill_recipe(ROOT / "configs" / name)
+    assert isinstance(recipe, ConsistencyRecipe) and recipe.method in ("lcm", "pcm") and recipe.data.images == "digits"
     with pytest.raises(RecipeError, match="num_phase"):
-        load_recipe(ROOT / "configs" / name, ConsistencyRecipe, {"consistency": {"num_phase": 4}})
+        load_distill_recipe(ROOT / "configs" / name, {"consistency": {"num_phase": 4}})
 
 
 @pytest.mark.parametrize("name", ["sd15_lcm.yaml", "sd15_lcm_lora.yaml", "sdxl_lcm_lora.yaml"])
 def test_latent_recipes_validate(name):
-    recipe = load_recipe(ROOT / "configs" / name, ConsistencyRecipe)
-    assert recipe.teacher.startswith("models/") and recipe.data.latents
+    recipe = load_distill_recipe(ROOT / "configs" / name)
+    assert recipe.teacher.path.startswith("models/") and recipe.data.latents
 
 
 FRESH_PROCESS = r"""
@@ -295,17 +298,15 @@ def test_latent_recipes_export_and_reload_in_a_fresh_process_without_stepdistill
 
     from safetensors.torch import save_file
 
-    from stepdistill.distillers.consistency import distill
-
     tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
     tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
     save_file({"latents": torch.randn(4, 4, 16, 16), "prompt_index": torch.tensor([0, 1, 0, 1])}, tmp_path / "latents.safetensors")
     common = {"data": {"latents": str(tmp_path / "latents.safetensors"), "prompts": ["a cat", "a dog"], "prompts_file": None},
               "training": {"max_steps": 2, "batch_size": 2, "mixed_precision": "no"}}
-    lcm = {**common, "teacher": str(tmp_path / "sd"), "consistency": {"num_solver_steps": 10, "w_embedding_dim": 32}}
+    lcm = {**common, "teacher": {"path": str(tmp_path / "sd")}, "consistency": {"num_solver_steps": 10, "w_embedding_dim": 32}}
     full = distill(ROOT / "configs" / "sd15_lcm.yaml", tmp_path / "full", overrides=lcm, progress=False)
-    lora = distill(ROOT / "configs" / "sdxl_lcm_lora.yaml", tmp_path / "lora_run", overrides={**common, "teacher": str(tmp_path / "sdxl"),
-                   "consistency": {"num_solver_steps": 10}, "optimizer": {"lr": 0.05}}, progress=False)
+    lora = distill(ROOT / "configs" / "sdxl_lcm_lora.yaml", tmp_path / "lora_run", overrides={**common, "teacher": {"path": str(tmp_path / "sdxl")},
+                   "consistency": {"num_solver_steps": 10}, "optimizers": {"student": {"lr": 0.05}}}, progress=False)
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(full), str(tmp_path / "sdxl"), str(lora)],
                           capture_output=True, text=True, timeout=120)
@@ -341,8 +342,7 @@ def test_flux_lcm_grid_is_the_pipelines_own_sigmas_and_export_reproduces_the_stu
     teacher = flux_teacher(tmp_path)
     shape = tuple(teacher.sample_shape(32, 32))
     data = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
-    section = ConsistencySection(num_solver_steps=8, num_inference_steps=2)
-    method = ConsistencyDistillation(teacher, data, ["a cat", "a dog", "a cat", "a dog"], section, OptimizerConfig(lr=1e-2), ema=None)
+    method = consistency(teacher, data, ["a cat", "a dog", "a cat", "a dog"], steps=2, lr=1e-2, num_solver_steps=8)
     stock = FluxPipeline.from_pretrained(tmp_path / "flux")
     stock.set_progress_bar_config(disable=True)
 
@@ -355,13 +355,13 @@ def test_flux_lcm_grid_is_the_pipelines_own_sigmas_and_export_reproduces_the_stu
     assert method.grid.tolist() == pytest.approx(pipeline_timesteps(stock, 8), abs=1e-3)
     assert method.grid[0] == 1000.0 and method.grid[-1] > 0  # shifted sigmas * 1000, the end (0) excluded
     with pytest.raises(RecipeError, match="must divide num_solver_steps"):
-        ConsistencyDistillation(teacher, data, ["a"] * 4, ConsistencySection(num_solver_steps=8, num_inference_steps=3), OptimizerConfig())
+        consistency(teacher, data, ["a"] * 4, steps=3, num_solver_steps=8)
     with pytest.raises(RecipeError, match="needs a UNet"):
-        ConsistencyDistillation(teacher, data, ["a"] * 4, ConsistencySection(num_solver_steps=8, num_inference_steps=2, guidance_range=(1.0, 2.0), w_embedding=True), OptimizerConfig())
+        consistency(teacher, data, ["a"] * 4, steps=2, num_solver_steps=8, guidance_range=(1.0, 2.0), w_embedding=True)
 
     trainer = train(method, tmp_path, steps=3, batch_size=2)
-    student = method.export_network(trainer)
-    out = save_consistency_pipeline(method, student, tmp_path / "pipe")
+    student = method.export_network(method.sampling_network(trainer))
+    out = export_student(method, student, tmp_path / "pipe")
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe, FluxPipeline) and isinstance(pipe.scheduler, FlowMatchLCMScheduler)
@@ -384,14 +384,12 @@ def test_flux_lcm_lora_recipe_round_trip_through_load_lora_weights(tmp_path):
     from diffusers import FlowMatchLCMScheduler, FluxPipeline
     from safetensors.torch import save_file
 
-    from stepdistill.distillers.consistency import distill
-
     teacher = flux_teacher(tmp_path)
     shape = tuple(teacher.sample_shape(32, 32))
     save_file({"latents": torch.randn(4, *shape), "prompt_index": torch.tensor([0, 1, 0, 1])}, tmp_path / "latents.safetensors")
-    overrides = {"teacher": str(tmp_path / "flux"), "data": {"latents": str(tmp_path / "latents.safetensors"), "prompts": ["a cat", "a dog"],
-                 "prompts_file": None}, "consistency": {"num_solver_steps": 8, "num_inference_steps": 2},
-                 "training": {"max_steps": 3, "batch_size": 2, "mixed_precision": "no"}, "optimizer": {"lr": 0.05}}
+    overrides = {"teacher": {"path": str(tmp_path / "flux")}, "data": {"latents": str(tmp_path / "latents.safetensors"), "prompts": ["a cat", "a dog"],
+                 "prompts_file": None}, "consistency": {"num_solver_steps": 8}, "student": {"num_steps": 2},
+                 "training": {"max_steps": 3, "batch_size": 2, "mixed_precision": "no"}, "optimizers": {"student": {"lr": 0.05}}}
     lora = distill(ROOT / "configs" / "flux_lcm_lora.yaml", tmp_path / "run", overrides=overrides, progress=False)
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     pipe = FluxPipeline.from_pretrained(tmp_path / "flux")
@@ -407,8 +405,8 @@ def test_flux_lcm_lora_recipe_round_trip_through_load_lora_weights(tmp_path):
 
     from stepdistill.teachers.flux import unpack_latents
 
-    recipe = load_recipe(ROOT / "configs" / "flux_lcm_lora.yaml", ConsistencyRecipe, overrides)
-    method = ConsistencyDistillation(teacher, torch.randn(2, *shape), ["a cat", "a dog"], recipe.consistency, recipe.optimizer, None)
+    recipe = load_distill_recipe(ROOT / "configs" / "flux_lcm_lora.yaml", overrides)
+    method = ConsistencyDistillation(teacher, recipe, RunData.in_memory(teacher, torch.randn(2, *shape), ["a cat", "a dog"]))
     state = {k.removeprefix("transformer."): v for k, v in load_file(lora / "pytorch_lora_weights.safetensors").items()}
     set_peft_model_state_dict(method.student, state)
     noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))

@@ -466,23 +466,28 @@ def test_registered_names_open_with_the_options_their_factory_takes(monkeypatch)
         open_images("no-such-dataset")
 
 
-def test_entry_points_register_lazily(tmp_path, monkeypatch):
+def test_plugins_register_lazily(tmp_path, monkeypatch):
+    """A plugin module (entry point group stepdistill.plugins) registers its dataset when imported,
+    and is imported only when a name is looked up."""
+    from stepdistill import plugins
+
     (tmp_path / "toy_plugin.py").write_text(textwrap.dedent("""
         import torch
-        from stepdistill.data import TensorImageDataset
+        from stepdistill.data import TensorImageDataset, register_dataset
 
         def make(**options):
-            \"\"\"Two black images.\"\"\"
             return TensorImageDataset(-torch.ones(2, 3, 4, 4), captions=["a", "b"], source="plugin")
+
+        register_dataset("plugin-toy", make, "Two black images.")
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    point = EntryPoint(name="plugin-toy", value="toy_plugin:make", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])
+    point = EntryPoint(name="toy", value="toy_plugin", group=plugins.GROUP)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [point] if group == plugins.GROUP else [])
+    monkeypatch.setattr(plugins, "_loaded", False)
     monkeypatch.setattr(registry, "_registry", {})
-    assert registered_datasets() == {"plugin-toy": "entry point toy_plugin:make"}
     assert "toy_plugin" not in sys.modules
     data = open_images("plugin-toy", verify=False)
-    assert data.captions([1]) == ["b"]
+    assert "toy_plugin" in sys.modules and data.captions([1]) == ["b"]
     assert registered_datasets() == {"plugin-toy": "Two black images."}
 
 
@@ -613,7 +618,7 @@ def test_write_latent_cache_stores_latents_and_conditions_by_kind(tmp_path):
 
 
 def test_the_data_layer_imports_nothing_above_it():
-    allowed = {"stepdistill.errors", "stepdistill.config"}
+    allowed = {"stepdistill.errors", "stepdistill.config", "stepdistill.plugins"}
     for path in DATA_PACKAGE.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:

@@ -24,14 +24,12 @@ import torch
 import yaml
 from diffusers import DDIMScheduler, UNet2DModel
 
-from stepdistill.config import OptimizerConfig, TrainingConfig, load_recipe
+from stepdistill.config import OptimizerConfig, TrainingConfig
+from stepdistill.distillers.base import RunData
 from stepdistill.distillers.common import TrainingDiverged, lora_disabled
-from stepdistill.distillers.distribution_matching import (
-    DistillRecipe,
-    DistributionMatchingMethod,
-    cache_real_latents,
-    distill,
-)
+from stepdistill.distillers.distribution_matching import DMDRecipe, DistributionMatchingMethod
+from stepdistill.distillers.registry import load_distill_recipe
+from stepdistill.distillers.run import distill
 from stepdistill.distillers.student import StudentSampler, with_network
 from stepdistill.errors import RecipeError, StepdistillError
 from stepdistill.export import save_class_conditional_pipeline
@@ -57,14 +55,21 @@ def tiny_pixel_teacher() -> PixelUNetTeacher:
     return PixelUNetTeacher(unet, scheduler, pipeline_class="ClassConditionalPipeline")
 
 
-def recipe_with(**sections) -> DistillRecipe:
+def recipe_with(**sections) -> DMDRecipe:
     from stepdistill.config import from_dict, merge
 
     base = {
+        "method": "dmd2",
         "training": {"max_steps": 4, "batch_size": 8, "eval_every": 0, "num_eval_samples": 10, "checkpoint_every": 1, "log_every": 1},
         "dmd": {"critic_updates_per_generator_update": 1},
     }
-    return from_dict(DistillRecipe, merge(base, sections))
+    return from_dict(DMDRecipe, merge(base, sections))
+
+
+def dmd(teacher, recipe, real=None, **kwargs) -> DistributionMatchingMethod:
+    """The method on in-memory data: every class as conditions, ``real`` = (images, labels) for the GAN."""
+    data = RunData.in_memory(teacher) if real is None else RunData.in_memory(teacher, real[0], real[1])
+    return DistributionMatchingMethod(teacher, recipe, data, **kwargs)
 
 
 def digits_real_data():
@@ -83,7 +88,7 @@ def test_dm_gradient_vanishes_iff_fake_score_equals_real_score(tmp_path):
     norms = {}
     for w in (1.0, 3.0):
         recipe = recipe_with(teacher={"guidance_scale": w}, training={"max_steps": 1})
-        method = DistributionMatchingMethod(tiny_pixel_teacher(), list(range(10)), recipe)
+        method = dmd(tiny_pixel_teacher(), recipe)
         logs = make_trainer(method, tmp_path, f"w{w}").train_step(0)
         norms[w] = logs["generator/dm_grad_norm"]
         assert logs["critic/denoise_loss"] > 0
@@ -100,7 +105,7 @@ def test_gan_head_reads_bottleneck_by_hook_and_learns(tmp_path):
         optimizers={"discriminator": {"lr": 3e-3}},
     )
     real = (torch.ones(32, 1, 8, 8), torch.arange(32) % 10)  # all-white "digits": trivially different from G's samples
-    method = DistributionMatchingMethod(tiny_pixel_teacher(), list(range(10)), recipe, real_data=real)
+    method = dmd(tiny_pixel_teacher(), recipe, real=real)
     fake = method.fake_score
     assert "forward" not in vars(fake.network)  # no patched forward
     assert len(fake.network.mid_block._forward_hooks) == 1
@@ -137,7 +142,7 @@ def test_student_sampler_reproduces_exported_pipeline(tmp_path):
 def test_backward_simulation_inputs_are_the_students_own_steps(tmp_path):
     """generate() at step k feeds the student exactly rollout()[k] at timestep t_k."""
     recipe = recipe_with(student={"num_steps": 3})
-    method = DistributionMatchingMethod(tiny_pixel_teacher(), list(range(10)), recipe)
+    method = dmd(tiny_pixel_teacher(), recipe)
     trainer = make_trainer(method, tmp_path)
     from stepdistill.training.trainer import StepContext
 
@@ -158,8 +163,8 @@ def test_backward_simulation_inputs_are_the_students_own_steps(tmp_path):
 def test_lora_fake_score_trains_adapter_and_keeps_teacher(tmp_path):
     teacher = tiny_pixel_teacher()
     before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
-    recipe = recipe_with(fake_score={"lora_rank": 4}, training={"max_steps": 3}, optimizers={"fake_score": {"lr": 1e-2}})
-    method = DistributionMatchingMethod(teacher, list(range(10)), recipe)
+    recipe = recipe_with(teacher={"guidance_scale": 2.0}, fake_score={"lora_rank": 4}, training={"max_steps": 3}, optimizers={"fake_score": {"lr": 1e-2}})
+    method = dmd(teacher, recipe)
     trainer = make_trainer(method, tmp_path)
     assert "teacher" not in trainer.prepared  # no second copy: the fake score IS the teacher + LoRA
     trainable = [n for n, p in method.fake_score.named_parameters() if p.requires_grad]
@@ -188,20 +193,20 @@ def test_lora_fake_score_trains_adapter_and_keeps_teacher(tmp_path):
 def test_student_timesteps_must_match_exported_scheduler():
     recipe = recipe_with(student={"num_steps": 2, "timesteps": [999, 500]})
     with pytest.raises(StepdistillError, match=r"do not match the exported scheduler's timesteps \[999.0, 499.0\]"):
-        DistributionMatchingMethod(tiny_pixel_teacher(), list(range(10)), recipe)
+        dmd(tiny_pixel_teacher(), recipe)
     ok = recipe_with(student={"num_steps": 2, "timesteps": [999, 499]})
-    DistributionMatchingMethod(tiny_pixel_teacher(), list(range(10)), ok)
+    dmd(tiny_pixel_teacher(), ok)
 
 
 def test_lora_on_a_network_without_matching_layers_is_a_clear_error():
     recipe = recipe_with(fake_score={"lora_rank": 4, "lora_target_modules": ["q_proj", "k_proj"]})
     with pytest.raises(RecipeError, match=r"fake_score: LoRA target_modules \['q_proj', 'k_proj'\] match no Linear/Conv2d layer of this UNet2DModel"):
-        DistributionMatchingMethod(tiny_pixel_teacher(), list(range(10)), recipe)
+        dmd(tiny_pixel_teacher(), recipe)
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     recipe = recipe_with(training={"max_steps": 10, "checkpoint_every": 1})
-    method = DistributionMatchingMethod(tiny_pixel_teacher(), list(range(10)), recipe)
+    method = dmd(tiny_pixel_teacher(), recipe)
     real_score = method.real_score
 
     def poisoned(x_t, t, cond):
@@ -248,15 +253,18 @@ def distilled_latent(tmp_path_factory):
             "optimizers": {"student": {"lr": 1e-3}, "fake_score": {"lr": 1e-3}},
             "dmd": {"critic_updates_per_generator_update": 2},
         }
-        if shipped.get("data", {}).get("real_latents"):
+        if shipped.get("data", {}).get("latents"):
+            from stepdistill.data import TensorImageDataset, write_latent_cache
+
             teacher = load_teacher(teacher_dir)
             images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-            cache_real_latents(teacher, images, torch.tensor([0, 1, 2, 0]), root / f"{family}_real.safetensors")
-            overrides["data"]["real_latents"] = str(root / f"{family}_real.safetensors")
+            real = TensorImageDataset(images, captions=["a cat", "a dog on a mat", "a red cat", "a cat"])
+            write_latent_cache(teacher.vae_encode, real, root / f"{family}_latents", progress=False)
+            overrides["data"]["latents"] = str(root / f"{family}_latents")
         path = root / f"{family}.yaml"
         path.write_text(yaml.safe_dump(merge(shipped, overrides)))
-        pipeline = distill(path, root / f"{family}_run", progress=False, bench=False)
-        recipe = load_recipe(path, DistillRecipe)
+        pipeline = distill(path, root / f"{family}_run", progress=False, report=False)
+        recipe = load_distill_recipe(path)
         teacher = load_teacher(teacher_dir)
         sampler = StudentSampler.for_teacher(teacher, recipe.student.num_steps, teacher.sample_shape(32, 32))
         runs[family] = {"pipeline": str(pipeline), "steps": recipe.student.num_steps, "timesteps": [float(t) for t in sampler.timesteps],
@@ -265,12 +273,18 @@ def distilled_latent(tmp_path_factory):
 
 
 RELOAD = r"""
-import json, sys, torch
+import json, os, sys, torch
 import diffusers
 runs = json.loads(sys.argv[1])
 out = {}
 for family, run in runs.items():
-    pipe = diffusers.DiffusionPipeline.from_pretrained(run["pipeline"])
+    if os.path.isfile(os.path.join(run["pipeline"], "pytorch_lora_weights.safetensors")):  # a LoRA student: the stock teacher + the file
+        pipe = diffusers.DiffusionPipeline.from_pretrained(run["teacher"])
+        config = json.load(open(os.path.join(run["pipeline"], "scheduler", "scheduler_config.json")))
+        pipe.scheduler = getattr(diffusers, config["_class_name"]).from_pretrained(run["pipeline"], subfolder="scheduler")
+        pipe.load_lora_weights(run["pipeline"])
+    else:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(run["pipeline"])
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(height=32, width=32) if family == "flux" else dict(height=32, width=32, guidance_scale=1.0)
     seen = []
@@ -304,9 +318,15 @@ def test_tiny_latent_students_reload_in_stock_diffusers(distilled_latent, tmp_pa
 
 
 def test_tiny_latent_students_moved_away_from_teacher(distilled_latent):
+    from safetensors.torch import load_file
+
     for family, run in distilled_latent.items():
         teacher = load_teacher(run["teacher"])
         student_dir = Path(run["pipeline"])
+        if (student_dir / "pytorch_lora_weights.safetensors").is_file():  # LoRA student: lora_B starts at zero
+            lora = load_file(student_dir / "pytorch_lora_weights.safetensors")
+            assert student_dir.name == "lora" and max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 0, family
+            continue
         name = "transformer" if family == "flux" else "unet"
         cls = type(getattr(teacher, name))
         student = cls.from_pretrained(student_dir, subfolder=name)
@@ -324,24 +344,25 @@ def test_dmd_regression_pairs_are_teacher_samples_and_train(tmp_path):
     teacher_dir = save_class_conditional_pipeline(teacher.unet, teacher.scheduler, tmp_path / "teacher")
     pairs_path = tmp_path / "pairs.safetensors"
     recipe = {
+        "method": "dmd",
         "teacher": {"path": str(teacher_dir), "guidance_scale": 2.0},
-        "dmd": {"variant": "dmd", "regression_weight": 0.25, "regression_pairs": str(pairs_path), "pair_steps": 3,
+        "dmd": {"regression_weight": 0.25, "regression_pairs": str(pairs_path), "pair_steps": 3,
                 "critic_updates_per_generator_update": 1},
         "training": {"max_steps": 2, "batch_size": 8, "eval_every": 0, "checkpoint_every": 10},
     }
     (tmp_path / "dmd.yaml").write_text(yaml.safe_dump(recipe))
-    make_ode_pairs(tmp_path / "dmd.yaml", 12)
+    loaded = load_teacher(teacher_dir)
+    make_ode_pairs(load_distill_recipe(tmp_path / "dmd.yaml"), loaded, RunData.in_memory(loaded).pool, 12)
     pairs = load_file(str(pairs_path))
     assert pairs["noise"].shape == pairs["sample"].shape == (12, 1, 8, 8)
     assert pairs["condition_index"].tolist() == [i % 10 for i in range(12)]
-    loaded = load_teacher(teacher_dir)
     expected = ddim_sample(loaded, loaded.encode(pairs["condition_index"][:3].tolist()), pairs["noise"][:3], loaded.scheduler, 3, 2.0)
     torch.testing.assert_close(pairs["sample"][:3], expected)
 
-    method = DistributionMatchingMethod(loaded, list(range(10)), load_recipe(tmp_path / "dmd.yaml", DistillRecipe), regression_pairs=pairs)
+    method = dmd(loaded, load_distill_recipe(tmp_path / "dmd.yaml"), regression_pairs=pairs)
     logs = make_trainer(method, tmp_path).train_step(0)
     assert logs["generator/regression_loss"] > 0 and "critic/gan_loss" not in logs
 
-    bad = load_recipe(tmp_path / "dmd.yaml", DistillRecipe, {"dmd": {"variant": "dmd2"}})
+    bad = load_distill_recipe(tmp_path / "dmd.yaml", {"method": "dmd2"})
     with pytest.raises(RecipeError, match="'dmd2' drops the regression loss"):
-        DistributionMatchingMethod(loaded, list(range(10)), bad, regression_pairs=pairs)
+        dmd(loaded, bad, regression_pairs=pairs)

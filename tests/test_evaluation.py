@@ -412,11 +412,12 @@ def test_eval_of_text_to_image_pipelines_with_fid_clip_and_tcd_gamma(tiny_sd_dir
 def test_training_evaluator_reports_the_bench_fd_and_the_eval_metrics():
     from stepdistill.digits.bench import evaluate_samples
     from stepdistill.digits.data import load_split
+    from stepdistill.digits.plugin import digits_reference
     from stepdistill.evaluation import make_evaluator
 
     heldout = load_split("heldout")
     images, labels = heldout.images[:100], heldout.labels[:100]
-    metrics = make_evaluator(kid_subsets=10)(images, labels)
+    metrics = make_evaluator(digits_reference(), kid_subsets=10)(images, labels)
     bench = evaluate_samples(images, labels)
     assert metrics["fd"] == bench["fd"] and metrics["accuracy"] == bench["accuracy"]
     assert set(metrics) == {"fd", "accuracy", "kid", "kid_std", "precision", "recall", "diversity"}

@@ -276,7 +276,7 @@ def test_exporters_refuse_the_wrong_kind_of_model(tmp_path):
     with pytest.raises(StepdistillError, match="use save_class_conditional_pipeline"):
         save_unconditional_pipeline(tiny_unet(11), teacher_scheduler(), tmp_path / "b")
     with pytest.raises(StepdistillError, match="DDIMPipeline samples with DDIMScheduler; got DDPMScheduler"):
-        save_unconditional_pipeline(tiny_unet(), DDPMScheduler(), tmp_path / "c")
+        save_unconditional_pipeline(tiny_unet(), DDPMScheduler(), tmp_path / "c", pipeline_class="DDIMPipeline")
     assert not any(tmp_path.iterdir())
 
 

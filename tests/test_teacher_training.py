@@ -13,7 +13,8 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from torch import nn
 
 from stepdistill.config import OptimizerConfig, TrainingConfig
-from stepdistill.digits.teacher import train_teacher
+from stepdistill.data import TensorImageDataset
+from stepdistill.training.teacher import train_teacher
 from stepdistill.errors import OutputDirError, RecipeError
 from stepdistill.schedule import schedule_from_scheduler
 from stepdistill.training import Trainer, load_trained_model
@@ -54,7 +55,7 @@ def test_denoising_target_matches_the_scheduler_prediction_type(tmp_path, traine
     for answers_in in ["epsilon", "sample", "v_prediction"]:
         scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=trained_for)
         oracle = Oracle(x0, schedule_from_scheduler(scheduler), answers_in)
-        method = DenoisingMethod(oracle, scheduler, x0, None, optimizer=OptimizerConfig(lr=0.0), ema=None)
+        method = DenoisingMethod(oracle, scheduler, TensorImageDataset(x0), optimizer=OptimizerConfig(lr=0.0), ema=None)
         config = TrainingConfig(max_steps=1, batch_size=64, checkpoint_every=100)
         trainer = Trainer(method, config, tmp_path / f"{trained_for}-{answers_in}", log_with=None, progress=False)
         losses[answers_in] = trainer.train_step(0)["loss"]
@@ -76,7 +77,8 @@ def test_label_dropout_uses_the_null_class(tmp_path):
             return SimpleNamespace(sample=x_t * self.w)
 
     images, labels = torch.zeros(100, 1, 8, 8), torch.arange(100) % 10
-    method = DenoisingMethod(Recorder(), DDIMScheduler(prediction_type="v_prediction"), images, labels,
+    dataset = TensorImageDataset(images, labels=labels, class_names=[str(i) for i in range(10)])
+    method = DenoisingMethod(Recorder(), DDIMScheduler(prediction_type="v_prediction"), dataset,
                              optimizer=OptimizerConfig(), ema=None, label_dropout=0.25)  # fmt: skip
     trainer = Trainer(method, TrainingConfig(max_steps=1, batch_size=1000), tmp_path / "r", log_with=None, progress=False)
     trainer.train_step(0)

@@ -42,78 +42,58 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..config import EMAConfig, OptimizerConfig, TrainingConfig, load_recipe, to_dict
+from ..config import EMAConfig, OptimizerConfig
 from ..errors import RecipeError, StepdistillError
 from ..export import make_student_scheduler, student_timesteps
-from ..training.trainer import Role, StepContext, Trainer, TrainingMethod
-from .common import add_lora, check_finite, has_lora, merge_lora
-from .student import build_pipeline, denoiser_name, pipeline_timestep_kwargs, with_network
+from ..training.trainer import Role, StepContext
+from .base import Distiller, RunData
+from .common import add_lora, check_finite
+from .recipe import DistillRecipe, lora_targets
+from .student import StudentSampler, denoiser_name, pipeline_timestep_kwargs, with_network
 
 END = -1  # the clean end of the trajectory: alpha = 1, sigma = 0
 
 
 # =============================================================================================
-# Recipe
+# Recipe: the shared sections (recipe.py) plus `consistency:`
 # =============================================================================================
 @dataclass
 class ConsistencySection:
-    method: Literal["lcm", "pcm"] = "lcm"
-    num_solver_steps: int = 50  # N: teacher DDIM/Euler grid (LCM's original_inference_steps)
-    num_inference_steps: int = 4  # LCM: the exported pipeline's default step count
-    num_phases: int = 4  # PCM: K phases = the exported pipeline's step count
+    num_solver_steps: int = 50  # N: teacher DDIM/Euler grid (LCM's original_inference_steps); PCM: K phases = student.num_steps
     guidance_range: tuple[float, float] = (1.0, 1.0)  # w ~ U[lo, hi]; uncond + w (cond - uncond)
     w_embedding: bool = False  # feed w to the student (UNet2DConditionModel time_cond_proj_dim)
     w_embedding_dim: int = 256
     loss: Literal["l2", "huber"] = "huber"
     huber_c: float = 0.001
-    lora_rank: int = 0  # > 0: LCM-LoRA (a LoRA student, no target network)
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass
-class ConsistencyDataSection:
-    """Latent teachers: real samples as VAE latents with their prompts (digits: the training split)."""
-
-    latents: Optional[str] = None  # safetensors {latents [N, C, h, w], prompt_index [N]} (distribution_matching.cache_real_latents)
-    prompts: list[str] = field(default_factory=list)
-    prompts_file: Optional[str] = None  # one prompt per line, appended to prompts
-
-
-@dataclass
-class ConsistencyRecipe:
-    method: Literal["lcm", "pcm"] = "lcm"  # which distiller `stepdistill distill` runs
-    teacher: str = "digits"  # "digits": the shipped digits teacher; else a diffusers pipeline directory
+class ConsistencyRecipe(DistillRecipe):
     consistency: ConsistencySection = field(default_factory=ConsistencySection)
-    data: ConsistencyDataSection = field(default_factory=ConsistencyDataSection)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    ema: Optional[EMAConfig] = field(default_factory=lambda: EMAConfig(decay=0.95))  # the target θ⁻
+    ema: EMAConfig | None = field(default_factory=lambda: EMAConfig(decay=0.95))  # the target θ⁻ (LCM: mu = 0.95)
 
 
 # =============================================================================================
 # Schedules of the student: solver grid, export scheduler, phase edges
 # =============================================================================================
-def export_scheduler(teacher_scheduler, section: ConsistencySection):
+def export_scheduler(teacher_scheduler, method: str, num_solver_steps: int, num_steps: int):
     """The scheduler the student is trained for and exported with: LCM's (``LCMScheduler`` for VP
     teachers, ``FlowMatchLCMScheduler`` for flow matching), or for PCM the K-step DDIM-trailing /
     flow Euler scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
 
-    if section.method == "pcm":
-        return make_student_scheduler(teacher_scheduler, section.num_phases)
+    if method == "pcm":
+        return make_student_scheduler(teacher_scheduler, num_steps)
     if isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
         return FlowMatchLCMScheduler.from_config(teacher_scheduler.config)
-    return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=section.num_solver_steps)
+    return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=num_solver_steps)
 
 
 def solver_grid(teacher_scheduler, num_solver_steps: int, **kwargs) -> torch.Tensor:
@@ -127,7 +107,7 @@ def phase_edges(scheduler, num_phases: int, grid: torch.Tensor, num_solver_steps
     on_grid = all(bool((grid - e).abs().min() < 1e-3) for e in edges)
     if num_solver_steps % num_phases or not on_grid:
         raise RecipeError(
-            f"consistency.num_phases={num_phases} does not divide the teacher's solver schedule "
+            f"student.num_steps={num_phases} (PCM phases) does not divide the teacher's solver schedule "
             f"(num_solver_steps={num_solver_steps}): the phase edges {edges.tolist()} must lie on its grid"
         )
     return torch.cat([edges, torch.tensor([float(END)])])
@@ -218,21 +198,19 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
 
 
-class ConsistencyDistillation(TrainingMethod):
-    """LCM / LCM-LoRA / PCM consistency distillation of ``teacher`` on ``data``.
+class ConsistencyDistillation(Distiller):
+    """LCM / LCM-LoRA / PCM consistency distillation of ``teacher`` on the recipe's real data
+    (clean samples in the network's space -- images, or VAE latents -- with their conditions)."""
 
-    ``data``: clean samples in the network's space ([N, C, H, W]: digits, or VAE latents);
-    ``conditions``: their N class labels / prompts (None: unconditional).
-    """
+    export_from_ema = False  # the EMA is LCM's target network θ⁻; the online student is exported
 
-    def __init__(self, teacher, data: torch.Tensor, conditions, section: ConsistencySection,
-                 optimizer: OptimizerConfig, ema: EMAConfig | None = EMAConfig(decay=0.95)):
-        self.teacher = teacher
-        self.section = s = section
-        self.data = data
-        self.conditions = conditions
-        self.schedule = teacher.schedule
-        self.prediction_type = teacher.prediction_type
+    def __init__(self, teacher, recipe: ConsistencyRecipe, data: RunData | None):
+        super().__init__(teacher, recipe, data)
+        self.method = recipe.method
+        self.section = s = recipe.consistency
+        self.description = {"lcm": "latent consistency distillation (LCM)", "pcm": "phased consistency distillation (PCM)"}[self.method]
+        if data is not None and self.real is None:
+            raise RecipeError(f"{self.method}: consistency distillation trains on real data: set data.images (or data.latents for latent teachers)")
         lo, hi = s.guidance_range
         if lo > hi or lo < 1.0:
             raise RecipeError(f"consistency.guidance_range must be [lo, hi] with 1 <= lo <= hi; got {[lo, hi]}")
@@ -241,18 +219,20 @@ class ConsistencyDistillation(TrainingMethod):
                 f"consistency.guidance_range {[lo, hi]} spans several w but w_embedding is off: the student could not "
                 "tell them apart; set w_embedding: true or a single w ([w, w])"
             )
-        self.shape = tuple(data.shape[1:])
-        self.scheduler = export_scheduler(teacher.scheduler, s)
-        self.num_steps = s.num_phases if s.method == "pcm" else s.num_inference_steps
+        if self.real is not None and self.real.latents is not None:
+            self.shape = tuple(int(n) for n in self.real.latents.shape("latents")[1:])  # the training resolution (Flux's grid depends on it)
+        self.scheduler = export_scheduler(teacher.scheduler, self.method, s.num_solver_steps, self.num_steps)
+        self.sampler = StudentSampler(self.scheduler, self.num_steps, self.timestep_kwargs)
         self.grid = solver_grid(teacher.scheduler, s.num_solver_steps, **self.timestep_kwargs(s.num_solver_steps))
         self.edges = None
-        if s.method == "pcm":
-            self.edges = phase_edges(self.scheduler, s.num_phases, self.grid, s.num_solver_steps, **self.timestep_kwargs(s.num_phases))
-        if s.method == "lcm":
-            exported = student_timesteps(self.scheduler, self.num_steps, **self.timestep_kwargs(self.num_steps)).float()
+        if self.method == "pcm":
+            self.edges = phase_edges(self.scheduler, self.num_steps, self.grid, s.num_solver_steps, **self.timestep_kwargs(self.num_steps))
+        else:
+            exported = self.sampler.timesteps.float()
             if any(bool((self.grid - t).abs().min() > 1e-3) for t in exported):
-                hint = " (flow teachers: num_inference_steps must divide num_solver_steps)" if self.schedule.kind == "flow" else ""
+                hint = " (flow teachers: student.num_steps must divide num_solver_steps)" if self.schedule.kind == "flow" else ""
                 raise RecipeError(f"the exported {self.num_steps}-step timesteps {exported.tolist()} are not on the solver grid{hint}")
+        self.sampler.check_timesteps(recipe.student.timesteps)
 
         network = getattr(teacher, denoiser_name(teacher))
         self.w_input = None
@@ -262,28 +242,41 @@ class ConsistencyDistillation(TrainingMethod):
             student.register_forward_pre_hook(self.w_input, with_kwargs=True)
         else:
             student = copy.deepcopy(network)
-        if s.lora_rank > 0:
-            add_lora(student, s.lora_rank, s.lora_target_modules, what="consistency")
-            ema = None  # LCM-LoRA: no target network
+        self.ema = recipe.ema
+        if recipe.student.lora_rank > 0:
+            add_lora(student, recipe.student.lora_rank, lora_targets(self.family, recipe.student.lora_target_modules), what="student")
+            self.ema = None  # LCM-LoRA: no target network
         else:
             student.requires_grad_(True)
-        self.student, self.optimizer, self.ema = student.train(), optimizer, ema
+        self.student = student.train()
 
     def roles(self) -> dict[str, Role]:
-        return {"student": Role(self.student, optimizer=self.optimizer, ema=self.ema), "teacher": Role(self.teacher)}
+        opts = self.recipe.optimizers
+        unknown = set(opts) - {"student"}
+        if unknown:
+            raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)}; consistency distillation trains one role: student")
+        return {"student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.ema), "teacher": Role(self.teacher)}
 
     def timestep_kwargs(self, num_steps: int) -> dict:
         """``set_timesteps`` arguments of the stock pipeline at this resolution (Flux: mu, sigmas)."""
         return pipeline_timestep_kwargs(self.teacher, self.shape, num_steps)
 
-    # -- pieces --------------------------------------------------------------------------------
-    def _cond_at(self, idx):
-        if self.conditions is None:
-            return None
-        if torch.is_tensor(self.conditions):
-            return self.conditions[torch.as_tensor(idx)]
-        return [self.conditions[int(i)] for i in idx]
+    # -- guidance of the exported student ---------------------------------------------------------
+    @property
+    def trained_guidance_range(self):
+        return tuple(self.section.guidance_range) if self.w_input is not None else None
 
+    @property
+    def export_guidance_scale(self) -> float:
+        return self.section.guidance_range[0] if self.w_input is not None else 1.0
+
+    def guidance_input(self, w: torch.Tensor):
+        if self.w_input is None:
+            return contextlib.nullcontext()
+        check_guidance(float(w.reshape(-1)[0]), self.section.guidance_range)
+        return self.w_input.at(w)
+
+    # -- pieces --------------------------------------------------------------------------------
     def alpha_sigma(self, t: torch.Tensor):
         """alpha, sigma at timesteps t (END -> 1, 0)."""
         a, s = self.schedule.alpha_sigma(t.clamp(min=0))
@@ -311,11 +304,10 @@ class ConsistencyDistillation(TrainingMethod):
 
     def consistency_fn(self, network: nn.Module, x, t, cond, w) -> torch.Tensor:
         """f_θ(x, t, w): LCM's boundary-scaled x0 estimate, or PCM's DDIM jump to the phase edge."""
-        guard = self.w_input.at(w) if self.w_input is not None else contextlib.nullcontext()
-        with guard:
+        with self.w_input.at(w) if self.w_input is not None else contextlib.nullcontext():
             raw = with_network(self.teacher, network).guided_output(x, t, cond, 1.0).float()
         x0, eps = self.schedule.to_x0_eps(raw, x.float(), t, self.prediction_type)
-        if self.section.method == "pcm":
+        if self.method == "pcm":
             a, sg = self.alpha_sigma(self.edge_below(t))
             return self._bc(a, x) * x0 + self._bc(sg, x) * eps  # PCM eq. 6
         if hasattr(self.scheduler, "get_scalings_for_boundary_condition_discrete"):
@@ -339,9 +331,8 @@ class ConsistencyDistillation(TrainingMethod):
 
     # -- one step ------------------------------------------------------------------------------
     def training_step(self, ctx: StepContext) -> dict[str, Any]:
-        idx = ctx.sample_indices(len(self.data))
-        x0 = self.data[idx.cpu()].to(ctx.device)
-        cond = self.teacher.encode(self._cond_at(idx.cpu())).to(ctx.device)
+        flips = ctx.rand() < 0.5 if self.real.random_flip else None
+        x0, cond = self.real.batch(ctx.sample_indices(len(self.real)), ctx.device, flips=flips)
         n = ctx.randint(0, len(self.grid))
         grid = self.grid.to(ctx.device)
         next_grid = torch.cat([grid[1:], torch.tensor([float(END)], device=ctx.device)])
@@ -365,220 +356,28 @@ class ConsistencyDistillation(TrainingMethod):
         ctx.step_role("student", loss)
         return {"loss": loss}
 
-    # -- sampling and export -------------------------------------------------------------------
-    def sampling_network(self, trainer: Trainer) -> nn.Module:
-        return trainer.unwrap("student")
-
-    @torch.no_grad()
-    def sample(self, network: nn.Module, noise: torch.Tensor, cond, guidance_scale: float = 1.0,
-               num_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The exported pipeline's loop: ``scheduler.set_timesteps(K)`` / ``step`` with the student."""
-        import inspect
-
-        if self.w_input is not None:
-            check_guidance(guidance_scale, self.section.guidance_range)
-        scheduler = copy.deepcopy(self.scheduler)
-        steps = num_steps or self.num_steps
-        scheduler.set_timesteps(steps, device=noise.device, **self.timestep_kwargs(steps))
-        x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
-        adapter = with_network(self.teacher, network)
-        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-        scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # flow schedulers have none
-        w = torch.tensor(float(guidance_scale))
-        for t in scheduler.timesteps:
-            guard = self.w_input.at(w) if self.w_input is not None else contextlib.nullcontext()
-            with guard:
-                out = adapter.guided_output(scale(x, t), t, cond, 1.0 if self.w_input is not None else guidance_scale)
-            kwargs = {"generator": generator} if takes_generator else {}
-            x = scheduler.step(out, t, x, **kwargs).prev_sample
-        return x
-
-    def generate_samples(self, trainer: Trainer, num_samples: int, generator: torch.Generator):
-        if self.teacher.family != "pixel":
-            return None
-        device = trainer.accelerator.device
-        labels = torch.arange(num_samples) % self.teacher.num_classes
-        noise = torch.randn(num_samples, *self.teacher.sample_shape(), generator=generator).to(device)
-        w = self.section.guidance_range[0] if self.w_input is not None else 1.0
-        x = self.sample(self.sampling_network(trainer), noise, self.teacher.encode(labels).to(device), w, generator=generator)
-        return x.clamp(-1, 1).cpu(), labels
-
-    def export_network(self, trainer: Trainer) -> nn.Module:
-        network = self.sampling_network(trainer)
-        return merge_lora(network) if has_lora(network) else copy.deepcopy(network)
-
-
-# =============================================================================================
-# Export
-# =============================================================================================
-def save_consistency_pipeline(method: ConsistencyDistillation, network: nn.Module, output_dir, *, metrics=None,
-                              metrics_command=None, model_card_info=None, overwrite=False, sampler: str = "trained") -> Path:
-    """The student as a drop-in pipeline directory with its LCM / DDIM-trailing scheduler.
-
-    ``sampler="tcd"``: a ``TCDScheduler`` with the same schedule and solver grid instead (TCD
-    sampling of the consistency student; the pipeline's ``eta`` is TCD's gamma, 0 = deterministic).
-    """
-    from ..export import _write_directory, save_class_conditional_pipeline
-    from ..model_card import PipelineUsage
-
-    teacher, steps, scheduler = method.teacher, method.num_steps, method.scheduler
-    if sampler == "tcd":
+    def export_variants(self) -> dict[str, Any]:
+        """Extra pipeline directories of the same network with another scheduler: TCD sampling of
+        an LCM student of a VP pixel teacher (``pipeline_tcd``; the pipeline's ``eta`` is TCD's gamma)."""
         from diffusers import TCDScheduler
 
-        if method.section.method != "lcm" or method.schedule.kind != "vp":
-            raise StepdistillError("TCD sampling is for LCM students of VP teachers")
-        scheduler = TCDScheduler.from_config(scheduler.config)
-    elif sampler != "trained":
-        raise StepdistillError(f"sampler must be 'trained' or 'tcd'; got {sampler!r}")
-    w = method.section.guidance_range[0] if method.w_input is not None else 1.0
-    network = copy.deepcopy(network)
-    network._forward_pre_hooks.clear()  # the stock pipeline feeds timestep_cond itself
-    if teacher.family == "pixel":
-        trained = method.section.guidance_range if method.w_input is not None else None
-        return save_class_conditional_pipeline(
-            network, scheduler, output_dir, num_inference_steps=steps, guidance_scale=w, trained_guidance_range=trained, metrics=metrics,
-            metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite,
-        )
-    pipe = build_pipeline(teacher, network, scheduler)
-    if teacher.family == "flux":  # FluxPipeline's guidance_scale is FLUX.1-dev's embedded guidance
-        w = getattr(teacher, "embedded_guidance_scale", 1.0)
-    usage = PipelineUsage(pipeline_class=type(pipe).__name__, num_inference_steps=steps, guidance_scale=w)
-    return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
-                            usage, model_card_info, metrics, metrics_command)
+        if self.method != "lcm" or self.schedule.kind != "vp" or self.w_input is not None or self.family != "pixel":
+            return {}
+        return {"pipeline_tcd": TCDScheduler.from_config(self.scheduler.config)}
 
 
-def save_lcm_lora(method: ConsistencyDistillation, network: nn.Module, output_dir: str | os.PathLike) -> Path:
-    """LCM-LoRA export: ``pytorch_lora_weights.safetensors`` (diffusers format) plus the
-    ``LCMScheduler`` config under ``scheduler/``, for the stock teacher pipeline::
-
-        pipe.scheduler = LCMScheduler.from_pretrained(dir, subfolder="scheduler")
-        pipe.load_lora_weights(dir)
-    """
-    from peft.utils import get_peft_model_state_dict
-
-    if not has_lora(network):
-        raise StepdistillError("save_lcm_lora: this student has no LoRA (consistency.lora_rank is 0)")
-    pipeline_cls = type(build_pipeline(method.teacher, network, method.scheduler))
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(network).items()}
-    # unet_lora_layers (SD / SDXL) or transformer_lora_layers (Flux)
-    pipeline_cls.save_lora_weights(out, **{f"{denoiser_name(method.teacher)}_lora_layers": layers}, safe_serialization=True)
-    method.scheduler.save_pretrained(out / "scheduler")
-    return out
-
-
-# =============================================================================================
-# From a recipe to a run (digits)
-# =============================================================================================
-CARD = {
-    "title": "stepdistill consistency-distilled digits student",
-    "description": "A few-step student of the stepdistill digits teacher, consistency-distilled (LCM / PCM).",
-    "dataset": "scikit-learn digits (1,500 training images)",
-    "license": "apache-2.0",
-    "tags": ["digits", "class-conditional", "consistency-distillation"],
-    "class_names": [str(i) for i in range(10)],
-}
-
-
-def training_data(teacher, recipe: ConsistencyRecipe):
-    """(x0 in the network's space, their conditions): digits labels, or cached latents + prompts."""
-    if teacher.family == "pixel":
-        from ..digits.data import load_split
-
-        data = load_split("train")
-        return data.images, data.labels.long()
-    d = recipe.data
-    prompts = list(d.prompts)
-    if d.prompts_file:
-        if not os.path.isfile(d.prompts_file):
-            raise RecipeError(f"data.prompts_file not found: {d.prompts_file}")
-        prompts += [line.strip() for line in Path(d.prompts_file).read_text().splitlines() if line.strip()]
-    if d.latents is None or not os.path.isfile(d.latents):
-        raise RecipeError(f"data.latents: a latent teacher needs real latents (safetensors with latents, prompt_index); got {d.latents!r}")
-    from safetensors.torch import load_file
-
-    cached = load_file(d.latents)
-    index = cached["prompt_index"].long()
-    if not prompts or int(index.max()) >= len(prompts):
-        raise RecipeError(f"data: prompt_index refers to {int(index.max()) + 1} prompts but the recipe lists {len(prompts)}")
-    # the latents' size is the training resolution (Flux's solver grid depends on it); channels must match
-    channels = teacher.sample_shape()[0]
-    if cached["latents"].ndim != 4 or cached["latents"].shape[1] != channels:
-        raise RecipeError(f"data.latents have shape {tuple(cached['latents'].shape[1:])}; this teacher's latents have {channels} channels [C, h, w]")
-    return cached["latents"].float(), [prompts[i] for i in index.tolist()]
-
-
-def distill(recipe_path: str | os.PathLike, output_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False,
-            overrides: Mapping[str, Any] | None = None, progress: bool = True, evaluate: bool = True, bench: bool = True) -> Path:
-    """Run an LCM / LCM-LoRA / PCM recipe; export to ``output_dir/pipeline`` (LoRA students:
-    ``output_dir/lora``) and return that path."""
-    from ..digits.bench import default_teacher_dir
-    from ..export import export_info
-    from ..teachers import load_teacher
-
-    recipe = load_recipe(recipe_path, ConsistencyRecipe, overrides)
-    if recipe.consistency.method != recipe.method:
-        raise RecipeError(f"method: {recipe.method} but consistency.method: {recipe.consistency.method}; make them agree")
-    path = default_teacher_dir() if recipe.teacher == "digits" else Path(recipe.teacher)
-    if not (path / "model_index.json").is_file():
-        raise StepdistillError(f"teacher {path} is not a diffusers pipeline directory (no model_index.json)")
-    teacher = load_teacher(path)
-    data, conditions = training_data(teacher, recipe)
-    method = ConsistencyDistillation(teacher, data, conditions, recipe.consistency, recipe.optimizer, recipe.ema)
-    evaluators = []
-    if evaluate and teacher.family == "pixel":
-        from ..evaluation import make_evaluator
-
-        evaluators = [make_evaluator()]
-    card = {**CARD, "method": recipe.method.upper()}
-    if teacher.family != "pixel":
-        card = {"title": f"stepdistill {recipe.method.upper()} student", "method": recipe.method.upper(), "license": "other",
-                "description": f"A {method.num_steps}-step consistency-distilled student of {path}.", "tags": ["consistency-distillation"]}
-    trainer = Trainer(
-        method, recipe.training, output_dir, resume=resume, overwrite=overwrite,
-        run_info={"recipe": to_dict(recipe), "recipe_path": os.fspath(recipe_path),
-                  "export": export_info(method.scheduler, role="student", num_inference_steps=method.num_steps, model_card_info=card)},
-        evaluators=evaluators, progress=progress,
-    )
-    began = time.perf_counter()
-    final = trainer.train()
-    minutes = (time.perf_counter() - began) / 60
-    pipeline_dir = Path(output_dir) / "pipeline"
-    if trainer.accelerator.is_main_process and recipe.consistency.lora_rank > 0:
-        pipeline_dir = save_lcm_lora(method, method.sampling_network(trainer), Path(output_dir) / "lora")
-    elif trainer.accelerator.is_main_process:
-        metrics = None
-        if final:
-            metrics = {"model": f"{recipe.method.upper()} student", "steps": method.num_steps, "guidance_scale": 1.0,
-                       "samples": recipe.training.num_eval_samples, **{k.removeprefix("eval/"): v for k, v in final.items()}}
-        save_consistency_pipeline(method, method.export_network(trainer), pipeline_dir, metrics=metrics,
-                                  metrics_command=f"stepdistill distill {os.fspath(recipe_path)} (evaluation at the last step)" if metrics else None,
-                                  model_card_info=card, overwrite=True)
-        if recipe.method == "lcm" and method.w_input is None and teacher.family == "pixel":
-            save_consistency_pipeline(method, method.export_network(trainer), Path(output_dir) / "pipeline_tcd",
-                                      model_card_info=card, overwrite=True, sampler="tcd")
-        (Path(output_dir) / "train_minutes.txt").write_text(f"{minutes:.2f}\n")
-        if bench and teacher.family == "pixel":
-            from ..digits.bench import format_table, run_bench
-
-            results = run_bench(pipeline_dir, Path(output_dir) / "bench", num_samples=2000, steps=(method.num_steps,),
-                                guidance_scales=(1.0,), progress=progress)
-            print(format_table(results))
-    trainer.accelerator.wait_for_everyone()
-    return pipeline_dir
+def build(teacher, recipe: ConsistencyRecipe, data: RunData | None) -> ConsistencyDistillation:
+    return ConsistencyDistillation(teacher, recipe, data)
 
 
 __all__ = [
     "ConsistencyDistillation",
     "ConsistencyRecipe",
     "ConsistencySection",
+    "build",
     "check_guidance",
-    "distill",
     "export_scheduler",
     "guidance_embedding",
     "phase_edges",
-    "save_consistency_pipeline",
-    "save_lcm_lora",
     "solver_grid",
 ]

@@ -1,22 +1,27 @@
 """Few-step students: a copy of the teacher's network, run by the teacher's own adapter, sampled
-with the scheduler it is exported with.
+with the scheduler it is exported with, and written as a stock diffusers artefact.
 
 - :func:`with_network`: the teacher's adapter (encoders, VAE, parameterization, CFG) running
   another network in place of its denoiser -- so a student (or a fake score) is called exactly
   like the teacher, for every family.
 - :class:`StudentSampler`: the student's K-step sampling loop, driven by the ``scheduler``
-  object that export writes (its ``set_timesteps(K)`` / ``step``), used both for backward
-  simulation during training and for evaluation samples. There is no second list of timesteps.
-- :func:`save_student_pipeline`: export as a drop-in diffusers pipeline directory
-  (ClassConditionalPipeline for digits, StableDiffusion(XL)Pipeline, FluxPipeline).
+  object that export writes (its ``set_timesteps(K)`` / ``scale_model_input`` / ``step``), used
+  for backward simulation during training and for evaluation samples. There is no second list
+  of timesteps.
+- :func:`save_student_pipeline`: a pipeline directory -- our ``ClassConditionalPipeline`` for
+  class-conditional pixel teachers, a stock ``DDIMPipeline`` / ``DDPMPipeline`` for
+  unconditional ones, the family's stock pipeline (``teacher.build_pipeline``) otherwise.
+- :func:`save_student_lora`: a LoRA student as a diffusers LoRA file (``load_lora_weights``)
+  plus its scheduler, for the untouched teacher pipeline.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -51,20 +56,22 @@ def with_network(teacher, network: nn.Module):
 class StudentSampler:
     """The K-step sampler of a student: the exported scheduler's own loop.
 
-    ``scheduler`` comes from :func:`~stepdistill.export.make_student_scheduler`; ``set_timesteps_kwargs``
-    are what the stock pipeline passes besides the step count (Flux: ``mu`` and ``sigmas``).
+    ``timestep_kwargs(steps)`` gives what the stock pipeline passes to ``set_timesteps`` besides
+    the step count (Flux: ``mu`` and ``sigmas``).
     """
 
-    def __init__(self, scheduler, num_steps: int, set_timesteps_kwargs: Mapping[str, Any] | None = None):
+    def __init__(self, scheduler, num_steps: int, timestep_kwargs: Callable[[int], Mapping[str, Any]] | None = None):
         self.scheduler = scheduler
         self.num_steps = num_steps
-        self.kwargs = dict(set_timesteps_kwargs or {})
-        self.timesteps = student_timesteps(scheduler, num_steps, **self.kwargs)
+        self.timestep_kwargs = timestep_kwargs or (lambda steps: {})
+        self.timesteps = student_timesteps(scheduler, num_steps, **self.timestep_kwargs(num_steps))
+        self._takes_generator = "generator" in inspect.signature(scheduler.step).parameters
 
     @classmethod
-    def for_teacher(cls, teacher, num_steps: int, sample_shape) -> "StudentSampler":
-        scheduler = make_student_scheduler(teacher.scheduler, num_steps)
-        return cls(scheduler, num_steps, pipeline_timestep_kwargs(teacher, sample_shape, num_steps))
+    def for_teacher(cls, teacher, num_steps: int, sample_shape, scheduler=None) -> "StudentSampler":
+        """``scheduler`` defaults to :func:`~stepdistill.export.make_student_scheduler`'s."""
+        scheduler = scheduler if scheduler is not None else make_student_scheduler(teacher.scheduler, num_steps)
+        return cls(scheduler, num_steps, lambda steps: pipeline_timestep_kwargs(teacher, sample_shape, steps))
 
     def check_timesteps(self, expected) -> None:
         """A recipe that writes its timesteps down must agree with the exported scheduler."""
@@ -78,76 +85,108 @@ class StudentSampler:
                 f"({type(self.scheduler).__name__}.set_timesteps({self.num_steps})); remove them or fix them"
             )
 
-    def _fresh(self, device):
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(self.num_steps, device=device, **self.kwargs)
-        return scheduler
-
     @torch.no_grad()
-    def rollout(self, adapter, noise: torch.Tensor, cond, num_steps: int) -> list[torch.Tensor]:
-        """Inputs the student sees at steps 0..num_steps: ``[x_T, x_{t_1}, ...]`` from its own
-        earlier steps (guidance off), computed with ``scheduler.step`` as the pipeline does."""
-        scheduler = self._fresh(noise.device)
+    def rollout(self, adapter, noise: torch.Tensor, cond, num_steps: int, *, total_steps: int | None = None,
+                guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Inputs the student sees at steps 0..num_steps of a ``total_steps``-step run (default K):
+        ``[x_T, x_{t_1}, ...]`` from its own earlier steps, computed as the pipeline computes them."""
+        total = total_steps or self.num_steps
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(total, device=noise.device, **self.timestep_kwargs(total))
+        scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # flow schedulers have none
+        extra = {"generator": generator} if self._takes_generator else {}
         x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         inputs = [x]
         for t in scheduler.timesteps[:num_steps]:
-            out = adapter.guided_output(x, t, cond, 1.0)
-            x = scheduler.step(out, t, x, return_dict=False)[0]
+            out = adapter.guided_output(scale(x, t), t, cond, guidance_scale)
+            x = scheduler.step(out, t, x, **extra, return_dict=False)[0]
             inputs.append(x)
         return inputs
 
     @torch.no_grad()
-    def sample(self, adapter, noise: torch.Tensor, cond) -> torch.Tensor:
-        return self.rollout(adapter, noise, cond, self.num_steps)[-1]
+    def sample(self, adapter, noise: torch.Tensor, cond, num_steps: int | None = None, **kwargs) -> torch.Tensor:
+        steps = num_steps or self.num_steps
+        return self.rollout(adapter, noise, cond, steps, total_steps=steps, **kwargs)[-1]
 
 
 # -- export -----------------------------------------------------------------------------------
 def save_student_pipeline(
     teacher,
     network: nn.Module,
-    sampler: StudentSampler,
+    scheduler,
+    num_steps: int,
     output_dir: str | os.PathLike,
     *,
+    guidance_scale: float = 1.0,
+    trained_guidance_range: tuple[float, float] | None = None,
     metrics=None,
     metrics_command: str | None = None,
     model_card_info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the student as the teacher family's stock pipeline with the student's scheduler."""
-    from ..export import _write_directory, save_class_conditional_pipeline
+    """Write the student as a pipeline directory with the scheduler it was trained for.
+
+    ``guidance_scale``: the pipeline's default (a w-conditioned student's w; baked-in students 1).
+    """
+    from ..export import _write_directory, save_class_conditional_pipeline, save_unconditional_pipeline
     from ..model_card import PipelineUsage
 
-    scheduler, steps = sampler.scheduler, sampler.num_steps
+    card = dict(metrics=metrics, metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite)
     if teacher.family == "pixel":
-        return save_class_conditional_pipeline(
-            network, scheduler, output_dir, num_inference_steps=steps, guidance_scale=1.0, metrics=metrics,
-            metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite,
-        )
-    pipe = build_pipeline(teacher, network, scheduler)
+        if getattr(network.config, "num_class_embeds", None) is not None:
+            return save_class_conditional_pipeline(
+                network, scheduler, output_dir, num_inference_steps=num_steps, guidance_scale=guidance_scale,
+                trained_guidance_range=trained_guidance_range, **card,
+            )
+        return save_unconditional_pipeline(network, scheduler, output_dir, num_inference_steps=num_steps, **card)
+    pipe = teacher.build_pipeline(network, scheduler)
     # FluxPipeline's guidance_scale is FLUX.1-dev's embedded guidance, which the student was trained with.
-    guidance = getattr(teacher, "embedded_guidance_scale", 1.0) if teacher.family == "flux" else 1.0
-    usage = PipelineUsage(pipeline_class=type(pipe).__name__, num_inference_steps=steps, guidance_scale=guidance)
-
-    def build(tmp: Path) -> None:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-
-    return _write_directory(output_dir, overwrite, build, usage, model_card_info, metrics, metrics_command)
-
-
-def build_pipeline(teacher, network: nn.Module, scheduler):
-    """The stock diffusers pipeline object of the teacher's family around ``network``."""
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    parts = {name: getattr(teacher, name) for name in teacher.component_names}
-    parts[denoiser_name(teacher)] = network
-    parts["scheduler"] = scheduler
-    if teacher.family == "sd":
-        return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if teacher.family == "sdxl":
-        return StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt, add_watermarker=False)
     if teacher.family == "flux":
-        return FluxPipeline(**parts)
-    raise StepdistillError(f"no stock pipeline export for teacher family {teacher.family!r}")
+        guidance_scale = getattr(teacher, "embedded_guidance_scale", 1.0)
+    usage = PipelineUsage(pipeline_class=type(pipe).__name__, num_inference_steps=num_steps, guidance_scale=guidance_scale)
+    return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), usage,
+                            model_card_info, metrics, metrics_command)
 
 
-__all__ = ["StudentSampler", "build_pipeline", "denoiser_name", "pipeline_timestep_kwargs", "save_student_pipeline", "with_network"]
+def save_student_lora(teacher, network: nn.Module, scheduler, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """A LoRA student as ``pytorch_lora_weights.safetensors`` (diffusers format) plus its scheduler
+    under ``scheduler/``, for the stock teacher pipeline::
+
+        pipe.scheduler = <SchedulerClass>.from_pretrained(dir, subfolder="scheduler")
+        pipe.load_lora_weights(dir)
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    from ..export import _check_output_dir, _replace_directory
+    from .common import has_lora
+
+    if not has_lora(network):
+        raise StepdistillError("save_student_lora: this student has no LoRA (student.lora_rank is 0)")
+    out = Path(output_dir).absolute()
+    _check_output_dir(out, overwrite)
+    pipeline_cls = type(teacher.build_pipeline(network, scheduler))
+    layers = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(network).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        # unet_lora_layers (SD / SDXL) or transformer_lora_layers (Flux, SD3)
+        pipeline_cls.save_lora_weights(tmp, **{f"{denoiser_name(teacher)}_lora_layers": layers}, safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        _replace_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = [
+    "StudentSampler",
+    "denoiser_name",
+    "pipeline_timestep_kwargs",
+    "save_student_lora",
+    "save_student_pipeline",
+    "with_network",
+]

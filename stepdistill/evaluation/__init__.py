@@ -10,7 +10,7 @@ from .generation import EvalPipeline, generate_images, load_eval_pipeline
 from .latency import measure_latency
 from .reference import list_images, reference_features
 from .runner import run_evaluation
-from .scoring import Reference, digits_reference, make_evaluator, score_images
+from .scoring import Reference, make_evaluator, score_images
 
 __all__ = [
     "Conditions",
@@ -19,7 +19,6 @@ __all__ = [
     "InceptionFeatures",
     "Reference",
     "clip_score",
-    "digits_reference",
     "extract_features",
     "fid_from_features",
     "generate_images",

@@ -2,14 +2,15 @@
 
 Kinds of pipeline:
 
-- ``digits``: our class-conditional pipeline in the digits format (1 x 8 x 8, 10 classes). It is
-  loaded and sampled by the digits benchmark's own functions (``stepdistill.digits.bench``), so
-  ``eval`` and ``bench digits`` produce the same samples and the same FD;
+- a benchmark's own (``digits``): a pipeline a registered benchmark claims
+  (:func:`register_pipeline_benchmark`, e.g. our class-conditional pipeline in the digits
+  format) is loaded and sampled by that benchmark's functions, so ``eval`` and the benchmark
+  produce the same samples and the same numbers;
 - ``class_conditional``: any other pipeline called with ``class_labels`` (ours, DiT-like);
 - ``text_to_image``: any pipeline called with ``prompt`` (Stable Diffusion and friends);
 - ``unconditional``: stock DDPM / DDIM pipelines.
 
-Outside the digits kind, sample ``i`` draws its noise from its own generator seeded with
+Outside a benchmark's kind, sample ``i`` draws its noise from its own generator seeded with
 ``seed * 1_000_003 + i``: a sample's noise depends on the seed and its index only, not on the batch
 size, and is the same for every step count, guidance scale and model.
 """
@@ -27,12 +28,31 @@ from ..errors import StepdistillError
 from .conditions import Conditions
 
 
+PIPELINE_BENCHMARKS: dict[str, object] = {}
+
+
+def register_pipeline_benchmark(benchmark) -> None:
+    """A benchmark that evaluates its own pipelines: an object with ``name``, ``num_classes``,
+    ``load(path, device) -> pipe | None`` (None: not one of its pipelines), ``generate(pipe,
+    labels, num_inference_steps, guidance_scale, batch_size, seed, eta) -> images``,
+    ``reference() -> Reference`` and ``noise_floor(num_samples, seed) -> dict``."""
+    PIPELINE_BENCHMARKS[benchmark.name] = benchmark
+
+
+def _pipeline_benchmarks() -> list:
+    from ..plugins import load_plugins
+
+    load_plugins()
+    return list(PIPELINE_BENCHMARKS.values())
+
+
 @dataclass
 class EvalPipeline:
     path: str
     name: str
     pipe: object
     kind: str
+    benchmark: object | None = None  # the benchmark that claimed this pipeline
 
     @property
     def denoiser(self):
@@ -72,8 +92,6 @@ def load_eval_pipeline(path: str | os.PathLike, name: str | None = None, device:
     """Load a diffusers pipeline directory for evaluation (one-line errors for bad directories)."""
     from diffusers import DiffusionPipeline
 
-    from ..digits.bench import load_pipeline as load_digits_pipeline
-
     path = os.fspath(path)
     name = name or os.path.basename(os.path.normpath(path))
     if not os.path.isdir(path):
@@ -88,12 +106,10 @@ def load_eval_pipeline(path: str | os.PathLike, name: str | None = None, device:
         raise StepdistillError(f"cannot read {index}: {exc}".splitlines()[0]) from None
     if isinstance(class_name, (list, tuple)):
         class_name = class_name[-1]
-    if class_name == "ClassConditionalPipeline":
-        try:
-            return EvalPipeline(path, name, load_digits_pipeline(path, device=device), "digits")
-        except StepdistillError as exc:
-            if "is not a digits pipeline" not in str(exc):
-                raise
+    for benchmark in _pipeline_benchmarks():
+        pipe = benchmark.load(path, device=device)
+        if pipe is not None:
+            return EvalPipeline(path, name, pipe, benchmark.name, benchmark)
     try:
         pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     except Exception as exc:  # diffusers raises many types for broken directories
@@ -125,20 +141,11 @@ def generate_images(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1], one per condition, from fixed seeds."""
-    if model.kind == "digits":
-        from ..digits.bench import generate_samples
-
+    if model.benchmark is not None:
         if conditions.labels is None:
             raise StepdistillError(f"{model.path} is class-conditional: evaluate it with class labels, not prompts")
-        extra = {}
-        if gamma is not None:
-            if "eta" not in inspect.signature(generate_samples).parameters:
-                raise StepdistillError("TCD gamma on digits pipelines needs stepdistill.digits.bench.generate_samples(eta=...)")
-            extra["eta"] = gamma
-        images, _ = generate_samples(
-            model.pipe, conditions.labels, num_inference_steps, guidance_scale, batch_size=batch_size, seed=seed, **extra
-        )
-        return images
+        return model.benchmark.generate(model.pipe, conditions.labels, num_inference_steps, guidance_scale,
+                                        batch_size=batch_size, seed=seed, eta=gamma)
 
     parameters = _call_parameters(model.pipe)
     images = []

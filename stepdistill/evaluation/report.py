@@ -63,7 +63,7 @@ def format_table(results: dict) -> str:
         lines.append("| " + " | ".join(_cell(row.get(key), digits) for key, _, digits in columns) + " |")
     floor = results.get("noise_floor")
     if floor:
-        cells = ["real digits (noise floor)"] + ["–"] * (len(columns) - 1)
+        cells = ["real images (noise floor)"] + ["–"] * (len(columns) - 1)
         fd_column = [key for key, _, _ in columns].index("fd")
         cells[fd_column] = f"{floor['fd']:.2f} ± {floor['fd_std']:.2f}"
         lines.append("| " + " | ".join(cells) + " |")
@@ -149,7 +149,7 @@ def save_plot(results: dict, path: Path) -> str:
             if points:
                 axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         if key == "fd" and results.get("noise_floor"):
-            axis.axhline(results["noise_floor"]["fd"], color="grey", linestyle="--", label="real digits (noise floor)")
+            axis.axhline(results["noise_floor"]["fd"], color="grey", linestyle="--", label="real images (noise floor)")
         axis.set_xscale("log", base=2)
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_xlabel("NFE (denoiser evaluations per image)")
@@ -180,7 +180,7 @@ def read_curve(run_dir: str | os.PathLike) -> list[dict]:
 
     path = Path(run_dir) / "curve.jsonl"
     if not path.is_file():
-        raise StepdistillError(f"{run_dir} has no curve.jsonl (digits distillation runs write one at every evaluation)")
+        raise StepdistillError(f"{run_dir} has no curve.jsonl (distillation runs write one at every evaluation)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
         raise StepdistillError(f"{path} is empty: the run has not evaluated yet")

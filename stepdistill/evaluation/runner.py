@@ -25,10 +25,10 @@ from .features import check_feature_network, extract_features, inception_feature
 from .generation import EvalPipeline, generate_images, load_eval_pipeline
 from .latency import measure_latency
 from .reference import list_images, reference_features
-from .scoring import Reference, digits_reference, score_images
+from .scoring import Reference, score_images
 
 DEFAULT_STEPS = (1, 2, 4, 50)
-CONDITIONING = {"digits": "labels", "class_conditional": "labels", "text_to_image": "prompts", "unconditional": "none"}
+CONDITIONING = {"class_conditional": "labels", "text_to_image": "prompts", "unconditional": "none"}  # benchmark kinds: labels
 GRID_COLUMNS = 10
 
 
@@ -65,12 +65,14 @@ def _unique_names(paths: Sequence[str], names: Sequence[str] | None) -> list[str
 
 
 def _conditions(models: list[EvalPipeline], prompts: list[str] | None, num_prompts, samples_per_prompt, class_labels, num_samples) -> Conditions:
-    kinds = {CONDITIONING[m.kind] for m in models}
+    kinds = {CONDITIONING.get(m.kind, "labels") for m in models}
     if len(kinds) > 1:
         listing = ", ".join(f"{m.name}: {m.kind}" for m in models)
         raise StepdistillError(f"pipelines evaluated together must take the same conditions; got {listing}")
-    if len({m.kind == "digits" for m in models}) > 1:
-        raise StepdistillError("digits pipelines are scored by the digits benchmark: evaluate them apart from other pipelines")
+    benchmarks = {m.kind for m in models if m.benchmark is not None}
+    if benchmarks and (len(benchmarks) > 1 or any(m.benchmark is None for m in models)):
+        name = sorted(benchmarks)[0]
+        raise StepdistillError(f"{name} pipelines are scored by the {name} benchmark: evaluate them apart from other pipelines")
     kind = kinds.pop()
     if kind == "prompts":
         if prompts is None:
@@ -89,11 +91,9 @@ def _conditions(models: list[EvalPipeline], prompts: list[str] | None, num_promp
         if class_labels is not None:
             raise StepdistillError(f"{models[0].path} is unconditional: drop --class-labels")
         return unconditional(num_samples)
-    num_classes = min(int(m.pipe.num_classes) for m in models)
+    num_classes = min(int(m.benchmark.num_classes if m.benchmark is not None else m.pipe.num_classes) for m in models)
     if class_labels is None:
-        from ..digits.bench import balanced_labels
-
-        return label_conditions(balanced_labels(num_samples, num_classes))
+        return label_conditions(torch.arange(num_samples) % num_classes)  # class-balanced
     chosen = torch.as_tensor(list(class_labels), dtype=torch.long)
     if chosen.numel() == 0 or chosen.min() < 0 or chosen.max() >= num_classes:
         raise StepdistillError(f"class labels must lie in [0, {num_classes}); got {list(class_labels)}")
@@ -104,23 +104,20 @@ def _feature_network(feature, inception_weights) -> tuple[nn.Module, str]:
     if isinstance(feature, nn.Module):
         check_feature_network(feature)
         return feature, type(feature).__name__
-    if feature == "digits":
-        from ..digits.classifier import feature_module
+    from .feature_spaces import get_feature_space
 
-        return feature_module(), "digits classifier penultimate features"
-    if feature == "inception":
-        return inception_features(inception_weights), "Inception-v3 pool (FID), clean-fid resize"
-    raise StepdistillError(f"unknown feature network {feature!r}: use auto, digits, inception or pass an nn.Module")
+    return get_feature_space(feature, **({"inception_weights": inception_weights} if feature == "inception" else {}))
 
 
 def _reference(models, feature, inception_weights, real_dir, cache_dir, batch_size) -> Reference:
-    if models[0].kind == "digits":
-        if real_dir is not None or feature not in ("auto", "digits"):
+    benchmark = models[0].benchmark
+    if benchmark is not None:
+        if real_dir is not None or feature not in ("auto", benchmark.name):
             raise StepdistillError(
-                "digits pipelines are scored like `bench digits` (digits classifier features against all real digits): "
+                f"{benchmark.name} pipelines are scored like `bench {benchmark.name}` (against the benchmark's own reference): "
                 "drop --real-dir / --feature"
             )
-        return digits_reference()
+        return benchmark.reference()
     network, name = _feature_network("inception" if feature == "auto" else feature, inception_weights)
     if real_dir is None:
         return Reference(network, name, None, {"name": None})
@@ -184,11 +181,10 @@ def run_evaluation(
 
     Conditions: class labels (class-balanced over ``num_samples``, default 2000, or cycling
     through ``class_labels``), or the prompts of ``prompts_file`` (first ``num_prompts``), each
-    generated with ``samples_per_prompt`` seeds. Digits pipelines are scored exactly as by
-    ``stepdistill bench digits``; other pipelines against the features of ``real_dir`` in the
-    ``feature`` network ("auto" = Inception; or "digits", "inception", any ``nn.Module``).
-    ``noise_floor`` (digits only): also report the FD of as many real digits as samples, as the
-    bench does. ``update_model_cards``: write each model's rows into its README.md, if it has one.
+    generated with ``samples_per_prompt`` seeds. Pipelines a benchmark claims (digits) are scored
+    exactly as that benchmark scores them; other pipelines against the features of ``real_dir`` in the
+    ``feature`` network ("auto" = Inception; or "inception", any ``nn.Module``).
+    ``noise_floor`` (benchmark pipelines): also report the benchmark's noise floor at this N. ``update_model_cards``: write each model's rows into its README.md, if it has one.
     """
     from tqdm.auto import tqdm
 
@@ -213,19 +209,12 @@ def run_evaluation(
     conditions = _conditions(models, prompts, num_prompts, samples_per_prompt, class_labels, num_samples)
     clip = _check_clip(clip_model, conditions)
     reference = _reference(models, feature, inception_weights, real_dir, reference_cache_dir, batch_size)
-    if not reference.digits:  # the digits classifier is shared with the bench's evaluate_samples, which runs on CPU
+    if reference.scorer is None:  # a benchmark's own scorer keeps its networks where it runs them (CPU)
         reference.feature.to(device)
 
     floor = None
-    if reference.digits and noise_floor:
-        from ..digits.bench import NOISE_FLOOR_DRAWS
-        from ..digits.classifier import feature_module
-        from ..digits.data import load_split
-        from ..metrics import noise_floor as digits_noise_floor
-
-        floor = digits_noise_floor(
-            load_split("all").images, feature_module(), num_samples=len(conditions), draws=NOISE_FLOOR_DRAWS, seed=seed
-        )
+    if models[0].benchmark is not None and noise_floor:
+        floor = models[0].benchmark.noise_floor(len(conditions), seed=seed)
 
     rows, grid = [], []
     configurations = [(m, c) for m in models for c in _configurations(m, steps, guidance_scales, gammas)]

@@ -2,15 +2,15 @@
 
 ``stepdistill eval`` calls :func:`score_images` once per (model, steps, guidance, gamma), and the
 trainer's periodic evaluation calls it on its samples, so the numbers seen during training and
-after come from the same code. Digits pipelines are scored by the digits benchmark's own
-``evaluate_samples`` (FD against all real digits + class accuracy), so ``eval`` reproduces
-``bench digits``.
+after come from the same code. A benchmark can hand its own ``scorer`` in the
+:class:`Reference` (the digits benchmark's FD against all real digits + class accuracy), so
+``eval`` reproduces the benchmark's numbers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,24 +29,9 @@ class Reference:
     feature_name: str
     features: torch.Tensor | None  # float64 [N, D]; None: no real images (no FD / KID / precision / recall)
     info: dict = field(default_factory=dict)
-    digits: bool = False  # score FD + accuracy with the digits benchmark's evaluate_samples
-
-
-@lru_cache(maxsize=1)
-def digits_reference() -> Reference:
-    """All 1,797 real digits in the digits classifier's features (the bench's FD reference; cached)."""
-    from ..digits.classifier import feature_module
-    from ..digits.data import load_split
-
-    real = load_split("all")
-    feature = feature_module()
-    features = extract_features(real.images, feature)
-    info = {
-        "name": f"all {len(real)} real digits",
-        "num_images": len(real),
-        "per_condition_diversity": per_condition_diversity(features, real.labels),
-    }
-    return Reference(feature, "digits classifier penultimate features", features, info, digits=True)
+    # a benchmark's own FD (+ accuracy): (images, labels) -> {"fd": ..., ...}, used instead of the generic FD
+    scorer: Callable[[torch.Tensor, "torch.Tensor | None"], dict] | None = None
+    benchmark: str | None = None  # the benchmark whose reference this is ("digits")
 
 
 def score_images(
@@ -71,10 +56,8 @@ def score_images(
         raise StepdistillError(f"got {images.shape[0]} images for {len(conditions)} conditions")
     scores: dict = {}
     features = extract_features(images, reference.feature, batch_size=batch_size)
-    if reference.digits:
-        from ..digits.bench import evaluate_samples
-
-        scores.update(evaluate_samples(images, conditions.labels))  # fd, accuracy: the bench's numbers
+    if reference.scorer is not None:
+        scores.update(reference.scorer(images, conditions.labels))  # the benchmark's own numbers
     elif reference.features is not None:
         scores["fd"] = fid_from_features(reference.features, features)
     if reference.features is not None:
@@ -90,16 +73,12 @@ def score_images(
     return scores
 
 
-def make_evaluator(reference: Reference | None = None, **score_kwargs):
+def make_evaluator(reference: Reference, **score_kwargs):
     """An evaluator for the trainer's periodic evaluation: ``(images, labels) -> {metric: float}``
     through :func:`score_images` (the numbers ``stepdistill eval`` reports for the same samples).
-
-    ``reference`` defaults to the digits reference (FD + accuracy as ``bench digits``); metrics
-    that do not apply (``None``) are left out.
+    Metrics that do not apply (``None``) are left out.
     """
     from .conditions import label_conditions, unconditional
-
-    reference = reference if reference is not None else digits_reference()
 
     def evaluate(images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         conditions = label_conditions(labels) if labels is not None else unconditional(images.shape[0])

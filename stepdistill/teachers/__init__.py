@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from typing import Callable
 
 from ..errors import TeacherLoadError
 from .base import Conditioning, Teacher
@@ -33,6 +34,29 @@ PIPELINE_FAMILIES: dict[str, str] = {
 }
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+# name -> function returning a pipeline directory: teachers a plugin ships ("digits")
+TEACHER_NAMES: dict[str, Callable[[], "str | os.PathLike"]] = {}
+
+
+def register_teacher(name: str, locate: Callable[[], "str | os.PathLike"]) -> None:
+    """Let recipes name a teacher a plugin ships (``teacher.path: digits``)."""
+    TEACHER_NAMES[name] = locate
+
+
+def resolve_teacher_path(path: str | os.PathLike) -> str:
+    """A registered teacher name -> its directory; anything else is returned as given."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        from ..plugins import load_plugins
+
+        load_plugins()
+        if path in TEACHER_NAMES:
+            located = os.fspath(TEACHER_NAMES[path]())
+            if not os.path.isfile(os.path.join(located, "model_index.json")):
+                raise TeacherLoadError(f"the teacher registered as {path!r} is missing ({located})")
+            return located
+    return path
 
 
 def teacher_class(family: str) -> type[Teacher]:
@@ -71,7 +95,7 @@ def detect_family(path: str | os.PathLike) -> str:
 
 def load_teacher(path: str | os.PathLike, family: str | None = None, **kwargs) -> Teacher:
     """Load a teacher from a diffusers directory (any family) or a single file (``family`` = sd / sdxl)."""
-    path = os.fspath(path)
+    path = resolve_teacher_path(path)
     if family is None:
         family = detect_family(path)
     elif not os.path.exists(path):
@@ -84,4 +108,14 @@ def load_teacher(path: str | os.PathLike, family: str | None = None, **kwargs) -
     return cls.from_pretrained(path, **kwargs)
 
 
-__all__ = ["Conditioning", "Teacher", "FAMILIES", "PIPELINE_FAMILIES", "detect_family", "load_teacher", "teacher_class"]
+__all__ = [
+    "Conditioning",
+    "FAMILIES",
+    "PIPELINE_FAMILIES",
+    "Teacher",
+    "detect_family",
+    "load_teacher",
+    "register_teacher",
+    "resolve_teacher_path",
+    "teacher_class",
+]

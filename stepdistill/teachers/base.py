@@ -49,6 +49,12 @@ class Conditioning:
             extra=_map(self.extra, device, dtype),
         )
 
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        """This batch followed by ``other`` (same keys; ``extra`` is shared and taken from self)."""
+        join = lambda a, b: {k: _cat(a[k], b[k]) for k in a}  # noqa: E731
+        uncond = None if self.uncond is None else join(self.uncond, other.uncond)
+        return replace(self, cond=join(self.cond, other.cond), uncond=uncond)
+
     def index(self, idx) -> "Conditioning":
         """Select batch entries (a slice, an index tensor or a list)."""
         pick = lambda d: {k: _index(v, idx) for k, v in d.items()}  # noqa: E731

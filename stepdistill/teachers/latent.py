@@ -102,6 +102,25 @@ class LatentTeacher(Teacher):
         raise NotImplementedError
 
     @property
+    def denoiser_name(self) -> str:
+        """The attribute (and pipeline component) holding the denoiser: "unet" or "transformer"."""
+        return "unet" if "unet" in self.component_names else "transformer"
+
+    def build_pipeline(self, denoiser: torch.nn.Module, scheduler):
+        """The family's stock diffusers pipeline around ``denoiser`` and ``scheduler``, sharing
+        this teacher's text encoders, tokenizers and VAE."""
+        import diffusers
+
+        parts = {name: getattr(self, name) for name in self.component_names}
+        parts[self.denoiser_name] = denoiser
+        parts["scheduler"] = scheduler
+        return getattr(diffusers, self.pipeline_class_name)(**parts, **self._pipeline_kwargs())
+
+    def _pipeline_kwargs(self) -> dict[str, Any]:
+        """Constructor options of the stock pipeline besides its components."""
+        return {}
+
+    @property
     def device(self) -> torch.device:
         return self.denoiser.device
 

@@ -15,8 +15,9 @@ import os
 from typing import Any, Sequence
 
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
+from ..errors import TeacherLoadError
 from ..schedule import prediction_type_of, schedule_from_scheduler
 from .base import Conditioning, Teacher
 
@@ -24,6 +25,7 @@ from .base import Conditioning, Teacher
 class PixelUNetTeacher(Teacher):
     family = "pixel"
     is_latent = False
+    denoiser_name = "unet"
 
     def __init__(self, unet: UNet2DModel, scheduler, pipeline_class: str = "DDPMPipeline"):
         super().__init__()
@@ -41,9 +43,11 @@ class PixelUNetTeacher(Teacher):
             index = json.load(f)
         class_name = index.get("_class_name")
         class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype).eval()
-        scheduler_cls = _scheduler_class(os.path.join(path, "scheduler"))
-        scheduler = scheduler_cls.from_pretrained(path, subfolder="scheduler")
+        scheduler = load_vp_scheduler(path)
+        try:
+            unet = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype).eval()
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise TeacherLoadError(f"cannot load the UNet2DModel in {path}/unet: {str(exc).splitlines()[0]}") from None
         return cls(unet, scheduler, pipeline_class=class_name)
 
     # -- conditions ---------------------------------------------------------------------------
@@ -80,12 +84,30 @@ class PixelUNetTeacher(Teacher):
         return (self.unet.config.in_channels, height or size[0], width or size[1])
 
 
-def _scheduler_class(scheduler_dir: str):
+def load_vp_scheduler(path: str):
+    """The scheduler of a pixel pipeline directory, if it has a VP (DDPM-type) noise schedule:
+    DDPM, DDIM, PNDM, DPM-Solver, Euler ... configs with ``beta_schedule``. Variance-exploding
+    (score SDE / Karras VE) and flow-matching schedulers are refused with a one-line error."""
     import diffusers
 
-    with open(os.path.join(scheduler_dir, "scheduler_config.json")) as f:
-        name = json.load(f).get("_class_name", "DDIMScheduler")
-    return getattr(diffusers, name, DDIMScheduler)
+    config_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(config_path):
+        raise TeacherLoadError(f"{path} has no scheduler/scheduler_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    name = config.get("_class_name")
+    scheduler_cls = getattr(diffusers, str(name), None)
+    if scheduler_cls is None:
+        raise TeacherLoadError(f"{config_path}: unknown scheduler class {name!r}")
+    if "beta_schedule" not in config or "FlowMatch" in str(name) or config.get("prediction_type", "epsilon") not in VP_PREDICTIONS:
+        raise TeacherLoadError(
+            f"{path}: scheduler {name} is not supported for pixel teachers: stepdistill distils VP (DDPM-type) noise "
+            f"schedules with beta_schedule and prediction_type in {', '.join(VP_PREDICTIONS)} (DDPM, DDIM, PNDM, DPM-Solver, Euler ...)"
+        )
+    return scheduler_cls.from_config(config)
 
 
-__all__ = ["PixelUNetTeacher"]
+VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+__all__ = ["PixelUNetTeacher", "load_vp_scheduler"]

@@ -56,6 +56,9 @@ class StableDiffusionXLTeacher(LatentTeacher):
     def denoiser(self):
         return self.unet
 
+    def _pipeline_kwargs(self):
+        return {"force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt, "add_watermarker": False}
+
     @classmethod
     def _pipeline_options(cls, options):
         return {"force_zeros_for_empty_prompt": bool(options.get("force_zeros_for_empty_prompt", True))}

@@ -33,6 +33,9 @@ class StableDiffusionTeacher(LatentTeacher):
     def denoiser(self):
         return self.unet
 
+    def _pipeline_kwargs(self):
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
     @classmethod
     def from_single_file(
         cls,

@@ -155,6 +155,29 @@ def load_trained_model(
     return model.eval()
 
 
+def load_role_weights(checkpoint: str | os.PathLike, role: str, module: torch.nn.Module, ema: bool = True) -> torch.nn.Module:
+    """Put a role's saved weights into ``module`` (built the way the run built it, e.g. with its
+    LoRA adapters): the EMA weights into a copy when ``ema`` and the role has them, else the raw
+    weights into ``module`` itself. Returns the loaded module."""
+    import copy
+
+    path = Path(checkpoint)
+    if not (path / STATE_FILE).is_file():
+        raise OutputDirError(f"{path} is not a complete checkpoint ({STATE_FILE} missing)")
+    roles = json.loads((path / STATE_FILE).read_text())["roles"]
+    if role not in roles:
+        raise OutputDirError(f"checkpoint {path} has no role '{role}'; it has {', '.join(roles)}")
+    spec = roles[role]
+    if ema and spec.get("ema_weights"):
+        module = copy.deepcopy(module)
+        module.load_state_dict(load_file(str(path / spec["ema_weights"])))
+    elif spec.get("weights"):
+        module.load_state_dict({_strip_wrapper(k): v for k, v in load_file(str(path / spec["weights"])).items()})
+    else:
+        raise OutputDirError(f"role '{role}' is frozen: its weights are not part of the run")
+    return module.eval()
+
+
 def _strip_wrapper(key: str) -> str:
     return key[len("module.") :] if key.startswith("module.") else key
 
@@ -183,6 +206,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_role_weights",
     "load_trained_model",
     "save_checkpoint",
 ]

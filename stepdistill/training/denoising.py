@@ -36,7 +36,8 @@ class DenoisingSection:
 
 
 class DenoisingMethod(TrainingMethod):
-    """Train ``unet`` to denoise ``images`` (class-conditional when ``labels`` is given).
+    """Train ``unet`` to denoise the images of ``dataset`` (a :class:`stepdistill.data.ImageDataset`;
+    class-conditional when the dataset has class labels and the UNet a class embedding).
 
     ``scheduler``: the diffusers scheduler the trained model will sample with; its config fixes
     the noise schedule and ``prediction_type`` of the training target.
@@ -46,8 +47,7 @@ class DenoisingMethod(TrainingMethod):
         self,
         unet: nn.Module,
         scheduler,
-        images: torch.Tensor,
-        labels: torch.Tensor | None,
+        dataset,
         optimizer: OptimizerConfig,
         ema: EMAConfig | None = EMAConfig(),
         label_dropout: float = 0.1,
@@ -59,11 +59,11 @@ class DenoisingMethod(TrainingMethod):
         if self.schedule.kind != "vp":
             raise ValueError("DenoisingMethod trains VP-schedule models (DDPM/DDIM schedulers)")
         self.prediction_type = PixelUNetTeacher(unet, scheduler).prediction_type
-        self.images = images
-        self.labels = labels
+        self.dataset = dataset
         num_class_embeds = getattr(getattr(unet, "config", None), "num_class_embeds", None)
-        if labels is not None and num_class_embeds is None:
-            raise ValueError("labels given but the UNet has no class embedding")
+        self.conditional = num_class_embeds is not None
+        if self.conditional and dataset.kind != "class":
+            raise ValueError("the UNet has a class embedding but the dataset has no class labels")
         self.null_class = None if num_class_embeds is None else num_class_embeds - 1
         self.optimizer = optimizer
         self.ema = ema
@@ -74,13 +74,13 @@ class DenoisingMethod(TrainingMethod):
         return {"unet": Role(self.unet, optimizer=self.optimizer, ema=self.ema)}
 
     def training_step(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        idx = ctx.sample_indices(len(self.images))
-        x0 = self.images[idx].to(ctx.device)
+        idx = ctx.sample_indices(len(self.dataset)).tolist()
+        x0 = self.dataset.images(idx).to(ctx.device)
         t = ctx.randint(0, self.schedule.num_train_timesteps)
         eps = ctx.randn(*x0.shape[1:])
         class_labels = None
-        if self.labels is not None:
-            class_labels = self.labels[idx].to(ctx.device)
+        if self.conditional:
+            class_labels = self.dataset.labels(idx).to(ctx.device)
             drop = ctx.rand() < self.label_dropout
             class_labels = torch.where(drop, torch.full_like(class_labels, self.null_class), class_labels)
         x_t = self.schedule.add_noise(x0, eps, t)
@@ -100,7 +100,7 @@ class DenoisingMethod(TrainingMethod):
         shape = teacher.sample_shape()
         noise = torch.randn(num_samples, *shape, generator=generator).to(trainer.accelerator.device)
         labels = None
-        if self.labels is not None:
+        if self.conditional:
             labels = torch.arange(num_samples) % teacher.num_classes
             cond = teacher.encode(labels).to(trainer.accelerator.device)
         else:

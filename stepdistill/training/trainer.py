@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -49,6 +50,8 @@ from ..errors import OutputDirError, RecipeError
 from ..images import save_image_grid
 from .checkpoint import RUN_FILE, latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from .ema import EMA
+
+CURVE_FILE = "curve.jsonl"  # one row per evaluation: step, minutes since the run (re)started, metrics
 
 # images [N, C, H, W] in [-1, 1], labels [N] or None -> named metrics
 Evaluator = Callable[[torch.Tensor, "torch.Tensor | None"], Mapping[str, float]]
@@ -183,6 +186,18 @@ class Trainer:
         if checkpoint is not None:
             self.start_step = load_checkpoint(self, checkpoint)
         self.last_metrics: dict[str, float] = {}
+        self._began = time.perf_counter() - 60 * self._resume_curve()
+
+    def _resume_curve(self) -> float:
+        """Drop curve rows after the checkpoint a resumed run restarts from; its minutes so far."""
+        path = self.output_dir / CURVE_FILE
+        if not path.is_file() or self.start_step == 0:
+            return 0.0
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [row for row in rows if row["step"] <= self.start_step]
+        if self.accelerator.is_main_process:
+            path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        return max((row["minutes"] for row in kept), default=0.0)
 
     # -- setup --------------------------------------------------------------------------------
     @property
@@ -267,6 +282,7 @@ class Trainer:
         self.accelerator.backward(loss / self.config.gradient_accumulation_steps, inputs=params)
         if not last_micro_step:
             return
+        self._average_gradients(params)
         if self.config.max_grad_norm is not None:
             norm = self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
             self._step_logs[f"grad_norm/{name}"] = float(norm)
@@ -276,6 +292,27 @@ class Trainer:
         if name in self.emas:
             self.emas[name].update(self.unwrap(name))
 
+    def _average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Mean of every process's gradients (one flat all-reduce), before clipping and the step.
+
+        Roles run under ``no_sync`` (see :meth:`train_step`): a method may call a role several
+        times per step, or backpropagate one loss into one role only (TTUR, GAN heads), which
+        DDP's own reducer does not allow; gradients are synchronised here instead, once per
+        optimizer step of the role -- the same mean DDP would compute.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+
     def train_step(self, step: int) -> dict[str, float]:
         """All micro-steps of optimizer step ``step``; returns the mean of the method's metrics."""
         self._step_logs: dict[str, float] = {}
@@ -284,9 +321,8 @@ class Trainer:
         k = self.config.gradient_accumulation_steps
         for micro in range(k):
             with contextlib.ExitStack() as stack:
-                if micro < k - 1:  # no gradient all-reduce until the last micro-step
-                    for name in self.trainable_roles:
-                        stack.enter_context(self.accelerator.no_sync(self.prepared[name]))
+                for name in self.trainable_roles:  # gradients are averaged in step_role, not by DDP
+                    stack.enter_context(self.accelerator.no_sync(self.prepared[name]))
                 stack.enter_context(self.accelerator.autocast())
                 metrics = self.method.training_step(StepContext(self, step, micro))
             for key, value in metrics.items():
@@ -339,6 +375,9 @@ class Trainer:
                 if metrics:
                     acc.log(metrics, step=step)
                     tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                    row = {"step": step, "minutes": (time.perf_counter() - self._began) / 60, **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
+                    with open(self.output_dir / CURVE_FILE, "a") as f:
+                        f.write(json.dumps(row) + "\n")
         acc.wait_for_everyone()
         self.last_metrics = metrics
         return metrics

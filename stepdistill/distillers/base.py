@@ -1,0 +1,135 @@
+"""What every distiller shares, so a family file holds only its paper's method.
+
+A :class:`Distiller` is a :class:`~stepdistill.training.TrainingMethod` built from a teacher,
+a validated recipe (:mod:`.recipe`) and the run's data (:class:`RunData`). It owns the student
+(``self.student``), the scheduler the student is exported with (``self.scheduler``, K =
+``self.num_steps`` steps) and its sampling loop (``self.sampler``), and knows how to draw
+evaluation samples and which network to export. Subclasses implement ``roles`` and
+``training_step`` and set ``export_from_ema`` (DMD exports the EMA; LCM's EMA is its target
+network, so it exports the online student).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..training.trainer import Trainer, TrainingMethod
+from .common import has_lora
+from .recipe import DistillRecipe
+from .run_data import ConditionPool, RealSamples, condition_kind, in_memory_samples
+from .student import StudentSampler, with_network
+
+
+@dataclass
+class RunData:
+    """The conditions the student trains on and the real samples (None: data-free)."""
+
+    pool: ConditionPool
+    real: RealSamples | None = None
+
+    @classmethod
+    def in_memory(cls, teacher, x0: torch.Tensor | None = None, conditions=None, pool=None) -> "RunData":
+        """From tensors you hold: ``x0`` real samples in the network's space with their
+        ``conditions``; ``pool``: the training conditions (default: every class, the distinct
+        captions, or the unconditional one)."""
+        real = in_memory_samples(teacher, x0, conditions) if x0 is not None else None
+        kind = condition_kind(teacher)
+        if pool is None:
+            pool = list(range(teacher.num_classes)) if kind == "class" else (real.captions if (kind == "text" and real) else None)
+        return cls(pool=ConditionPool(teacher, pool), real=real)
+
+
+class Distiller(TrainingMethod):
+    export_from_ema: bool = True
+    description: str = "step distillation"  # the method line of the model card
+
+    def __init__(self, teacher, recipe: DistillRecipe, data: RunData | None):
+        self.teacher = teacher
+        self.recipe = recipe
+        self.family = teacher.family
+        self.schedule = teacher.schedule
+        self.prediction_type = teacher.prediction_type
+        self.condition_kind = condition_kind(teacher)
+        self.shape = tuple(teacher.sample_shape(recipe.teacher.height, recipe.teacher.width))
+        self.pool = data.pool if data is not None else None
+        self.real = data.real if data is not None else None
+        self.student: nn.Module
+        self.scheduler = None  # set by subclasses: the scheduler the student is exported with
+        self.num_steps = recipe.student.num_steps
+        self.sampler: StudentSampler
+
+    # -- guidance of the exported student -------------------------------------------------------
+    @property
+    def export_guidance_scale(self) -> float:
+        """The exported pipeline's default guidance (a w-conditioned student: its w)."""
+        return 1.0
+
+    @property
+    def trained_guidance_range(self) -> tuple[float, float] | None:
+        return None
+
+    def guidance_input(self, w: torch.Tensor):
+        """Context that feeds ``w`` to a w-conditioned student (a no-op otherwise)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    # -- sampling -------------------------------------------------------------------------------
+    def sampling_network(self, trainer: Trainer) -> nn.Module:
+        """The network evaluation samples and the export come from."""
+        if self.export_from_ema and "student" in trainer.emas:
+            return trainer.emas["student"].module
+        return trainer.unwrap("student")
+
+    @torch.no_grad()
+    def sample(self, network: nn.Module, noise: torch.Tensor, cond, guidance_scale: float | None = None,
+               num_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The exported pipeline's loop with ``network`` (samples in the network's space)."""
+        w = self.export_guidance_scale if guidance_scale is None else float(guidance_scale)
+        adapter = with_network(self.teacher, network)
+        if self.trained_guidance_range is not None:  # w-conditioned: w goes in, no CFG pass
+            with self.guidance_input(torch.tensor(w)):
+                return self.sampler.sample(adapter, noise, cond, num_steps, generator=generator)
+        return self.sampler.sample(adapter, noise, cond, num_steps, guidance_scale=w, generator=generator)
+
+    def evaluation_conditions(self, num_samples: int) -> tuple[Any, torch.Tensor]:
+        """(encoded conditions, pool indices) cycling through the pool."""
+        idx = torch.arange(num_samples) % len(self.pool)
+        return self.pool.index(idx), idx
+
+    def generate_samples(self, trainer: Trainer, num_samples: int, generator: torch.Generator):
+        """Images in [-1, 1] (decoded for latent teachers) and their class labels (None unless class-conditional)."""
+        device = trainer.accelerator.device
+        network = self.sampling_network(trainer)
+        noise = torch.randn(num_samples, *self.shape, generator=generator).to(device)
+        out = []
+        for start in range(0, num_samples, 256):
+            idx = torch.arange(start, min(start + 256, num_samples)) % len(self.pool)
+            x = self.sample(network, noise[start : start + len(idx)], self.pool.index(idx.to(device)), generator=generator)
+            x = self.teacher.vae_decode(x) if self.teacher.is_latent else x
+            out.append(x.float().clamp(-1, 1).cpu())
+        labels = self.pool.raw(torch.arange(num_samples) % len(self.pool)) if self.condition_kind == "class" else None
+        return torch.cat(out), labels
+
+    # -- export -----------------------------------------------------------------------------------
+    def export_network(self, network: nn.Module) -> nn.Module:
+        """A copy of the trained ``network`` as the stock class: hooks removed (LoRA kept)."""
+        network = copy.deepcopy(network)
+        network._forward_pre_hooks.clear()  # the stock pipeline feeds any extra input itself
+        return network
+
+    def export_variants(self) -> dict[str, Any]:
+        """Extra pipeline directories next to the artefact: {name: another scheduler for the same network}."""
+        return {}
+
+    @property
+    def lora_student(self) -> bool:
+        return has_lora(self.student)
+
+
+__all__ = ["Distiller", "RunData"]

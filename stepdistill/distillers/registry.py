@@ -1,0 +1,80 @@
+"""The distiller registry: a recipe's top-level ``method:`` -> the module that runs it.
+
+Each entry names the module (imported lazily, so ``stepdistill --help`` stays instant), the
+recipe class in it (the shared sections of :mod:`.recipe` plus the method's own) and the
+``build(teacher, recipe, data)`` function that makes the :class:`~stepdistill.distillers.base.Distiller`. A new family registers
+itself with :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..config import check_override_keys, from_dict, load_yaml, merge, parse_set_overrides
+from ..errors import RecipeError
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    module: str  # absolute module path
+    recipe: str  # recipe dataclass in the module
+    build: str  # function (teacher, recipe, data: RunData | None) -> Distiller
+    description: str
+
+    def load(self, attr: str):
+        return getattr(importlib.import_module(self.module), getattr(self, attr))
+
+
+METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, module: str, recipe: str, build: str, description: str) -> None:
+    METHODS[name] = MethodEntry(name, module, recipe, build, description)
+
+
+_DM = "stepdistill.distillers.distribution_matching"
+_CM = "stepdistill.distillers.consistency"
+register_method("dmd", _DM, "DMDRecipe", "build", "DMD: distribution matching + regression on teacher ODE pairs")
+register_method("dmd2", _DM, "DMDRecipe", "build", "DMD2: distribution matching, TTUR, GAN head, backward simulation")
+register_method("lcm", _CM, "ConsistencyRecipe", "build", "LCM / LCM-LoRA: latent consistency distillation")
+register_method("pcm", _CM, "ConsistencyRecipe", "build", "PCM: phased consistency distillation")
+
+
+def method_entry(name: Any) -> MethodEntry:
+    if name not in METHODS:
+        listing = ", ".join(sorted(METHODS))
+        if name is None:
+            raise RecipeError(f"missing required field 'method' (one of: {listing})")
+        raise RecipeError(f"field 'method' must be one of {listing}; got {name!r}")
+    return METHODS[name]
+
+
+def load_distill_recipe(
+    path: str | os.PathLike | Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    set_items: Sequence[str] | None = None,
+):
+    """Read and validate a distillation recipe (a YAML path or an already parsed mapping).
+
+    ``overrides``: nested dict merged over the file; ``set_items``: ``--set key.sub=value``
+    strings, checked key by key against the method's schema and validated exactly like the file.
+    """
+    where = "recipe" if isinstance(path, Mapping) else os.fspath(path)
+    data = dict(path) if isinstance(path, Mapping) else load_yaml(path)
+    try:
+        if overrides:
+            data = merge(data, overrides)
+        sets = parse_set_overrides(set_items)
+        data = merge(data, sets)
+        cls = method_entry(data.get("method")).load("recipe")
+        check_override_keys(cls, sets)
+        return from_dict(cls, data)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+
+
+__all__ = ["METHODS", "MethodEntry", "load_distill_recipe", "method_entry", "register_method"]

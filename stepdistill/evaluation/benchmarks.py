@@ -1,0 +1,184 @@
+"""What scores a distillation run: the periodic evaluation during training and the table at its end.
+
+A *benchmark* has two jobs:
+
+- ``evaluator()``: ``(images, labels) -> {metric: value}`` for the trainer's periodic evaluation
+  (the FD-versus-minutes curve of ``curve.jsonl``);
+- ``report(student_dir, method, output_dir)``: the end-of-run table, the exported student's row
+  next to the teacher's rows at equal N, written to ``output_dir`` and returned as markdown.
+
+A benchmark package (digits) registers its own with :func:`register_benchmark` from a plugin
+(:mod:`stepdistill.plugins`); a recipe selects it by name (``evaluation.benchmark``) or by naming
+its dataset (``data.images: digits``). Any other recipe with real images gets
+:class:`DataBenchmark`: FD / KID / precision / recall / diversity against those images in a named
+feature space (``evaluation.feature``: Inception from local weights, else the documented
+random-conv features -- never silently called FID).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..errors import StepdistillError
+
+BENCHMARKS: dict[str, Callable[..., Any]] = {}
+
+
+@dataclass
+class EvaluationSection:
+    """Recipe section ``evaluation:``: periodic evaluation (every ``training.eval_every`` steps,
+    ``training.num_eval_samples`` samples) and the end-of-run table."""
+
+    benchmark: Optional[str] = None  # a registered benchmark ("digits"); None: the data's own, else FD against `reference`
+    feature: str = "auto"  # feature space of FD: auto / inception / random-conv / a registered name
+    reference: Optional[str] = None  # real images for FD; None: data.images
+    inception_weights: Optional[str] = None  # local torch-fidelity Inception weights (feature inception)
+    report: bool = True  # the end-of-run table: student next to the teacher, N = report_samples
+    report_samples: int = 2000
+    teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 10])  # teacher rows of the table
+
+
+def register_benchmark(name: str, factory: Callable[..., Any]) -> None:
+    """``factory(evaluation_section, teacher_path, channels, resolution) -> benchmark``."""
+    BENCHMARKS[name] = factory
+
+
+def registered_benchmark(name: str | None) -> Callable[..., Any] | None:
+    if name is None:
+        return None
+    if name not in BENCHMARKS:
+        from ..plugins import load_plugins
+
+        load_plugins()
+    return BENCHMARKS.get(name)
+
+
+def benchmark_for(evaluation, data_images: str | None, teacher_path: str, channels: int, resolution: tuple[int, int]):
+    """The benchmark of a run: ``evaluation.benchmark`` by name, else the one registered under the
+    name of the data (``data.images: digits``), else FD against ``evaluation.reference`` /
+    ``data.images``; None when there are no real images to compare with."""
+    if evaluation.benchmark is not None:
+        factory = registered_benchmark(evaluation.benchmark)
+        if factory is None:
+            raise StepdistillError(f"evaluation.benchmark: unknown benchmark {evaluation.benchmark!r}; registered: {', '.join(sorted(BENCHMARKS)) or 'none'}")
+        return factory(evaluation, teacher_path, channels, resolution)
+    spec = evaluation.reference or data_images
+    if spec is None:
+        return None
+    factory = registered_benchmark(spec) if not os.path.exists(spec) else None
+    if factory is not None:
+        return factory(evaluation, teacher_path, channels, resolution)
+    return DataBenchmark(evaluation, spec, teacher_path, channels, resolution)
+
+
+class DataBenchmark:
+    """FD (and KID, precision / recall, diversity) against real images in a named feature space."""
+
+    def __init__(self, evaluation, reference: str, teacher_path: str, channels: int, resolution: tuple[int, int]):
+        from ..data import open_images
+        from .feature_spaces import get_feature_space
+
+        self.settings = evaluation
+        self.reference_spec = reference
+        self.teacher_path = teacher_path
+        self.dataset = open_images(reference, channels=channels, resolution=resolution)
+        name = evaluation.feature
+        if name == "auto":
+            name = "inception" if evaluation.inception_weights else "random-conv"
+        options = {"inception_weights": evaluation.inception_weights} if name == "inception" else {}
+        self.feature, self.feature_name = get_feature_space(name, **options)
+        self._reference = None
+
+    def reference(self):
+        """Features of every reference image (computed once)."""
+        from .features import extract_features
+        from .scoring import Reference
+
+        if self._reference is None:
+            parts = []
+            for start in range(0, len(self.dataset), 256):
+                images = self.dataset.images(list(range(start, min(start + 256, len(self.dataset)))))
+                parts.append(extract_features(images, self.feature))
+            info = {"name": self.dataset.summary(), "num_images": len(self.dataset)}
+            self._reference = Reference(self.feature, self.feature_name, torch.cat(parts), info)
+        return self._reference
+
+    def evaluator(self):
+        from .scoring import make_evaluator
+
+        return make_evaluator(self.reference())
+
+    def noise_floor(self, num_samples: int, seed: int = 0, draws: int = 3) -> dict:
+        """FD of ``num_samples`` reference images drawn with replacement against all of them:
+        what a perfect generator scores at this N (optimistic: the draw repeats images)."""
+        from .distribution import fid_from_features
+
+        features = self.reference().features
+        g = torch.Generator().manual_seed(seed)
+        values = [fid_from_features(features, features[torch.randint(0, len(features), (num_samples,), generator=g)]) for _ in range(draws)]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+        return {"fd": mean, "fd_std": std, "num_samples": num_samples, "draws": values}
+
+    def report(self, student_dir, method, output_dir, progress: bool = True) -> str:
+        """The student's row next to the teacher's (DDIM, trailing spacing for VP teachers) at N = report_samples."""
+        from tqdm.auto import tqdm
+
+        from ..export import make_student_scheduler
+        from .conditions import unconditional
+        from .generation import generate_images, load_eval_pipeline
+        from .scoring import score_images
+
+        n = self.settings.report_samples
+        teacher = load_eval_pipeline(self.teacher_path, "teacher")
+        student = load_eval_pipeline(student_dir, "student")
+        if teacher.kind != "unconditional" or student.kind != "unconditional":
+            raise StepdistillError("the data benchmark's table is for unconditional pixel pipelines; evaluate others with `stepdistill eval`")
+        conditions = unconditional(n)
+        configs = [(teacher, s) for s in self.settings.teacher_steps] + [(student, method.num_steps)]
+        rows = []
+        began = time.perf_counter()
+        for model, steps in tqdm(configs, desc="report", unit="config", disable=not progress):
+            if model is teacher and hasattr(model.pipe.scheduler.config, "beta_schedule"):
+                model.pipe.scheduler = make_student_scheduler(model.pipe.scheduler, steps)
+            start = time.perf_counter()
+            images = generate_images(model, conditions, steps, None, seed=0, batch_size=256)
+            seconds = time.perf_counter() - start
+            scores = score_images(images, conditions, self.reference(), kid_subsets=20, seed=0)
+            rows.append({"model": model.name, "steps": steps, **scores, "images_per_second": n / seconds})
+        results = {
+            "reference": self.reference().info, "feature": self.feature_name, "num_samples": n,
+            "noise_floor": self.noise_floor(n), "rows": rows, "wall_seconds": time.perf_counter() - began,
+            "teacher": os.fspath(self.teacher_path), "student": os.fspath(student_dir),
+        }
+        table = format_report(results)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "report.md").write_text(table + "\n")
+        return table
+
+
+def format_report(results: dict) -> str:
+    floor = results["noise_floor"]
+    lines = [
+        f"{results['feature']}; reference: {results['reference']['name']}; N = {results['num_samples']} per row",
+        "",
+        "| model | steps | FD ↓ | KID ↓ | precision | recall | images/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["rows"]:
+        lines.append(f"| {row['model']} | {row['steps']} | {row['fd']:.3f} | {row['kid']:.4f} | {row['precision']:.3f} "
+                     f"| {row['recall']:.3f} | {row['images_per_second']:.0f} |")
+    lines.append(f"| real images (noise floor) | – | {floor['fd']:.3f} ± {floor['fd_std']:.3f} | – | – | – | – |")
+    return "\n".join(lines)
+
+
+__all__ = ["BENCHMARKS", "DataBenchmark", "EvaluationSection", "benchmark_for", "format_report", "register_benchmark", "registered_benchmark"]

@@ -1,0 +1,209 @@
+"""Train a pixel-space teacher on any image data (``stepdistill train-teacher RECIPE``).
+
+The recipe names the data (an image folder, a ``datasets`` directory, or a registered dataset
+such as ``digits``) and a ``UNet2DModel`` architecture; the image size, channel count and
+classes come from the data:
+
+- unconditional data -> an unconditional UNet, exported as a stock ``DDPMPipeline`` (with the
+  recipe's scheduler: ``DDIMScheduler`` by default, so ``pipe(num_inference_steps=K)`` is K DDIM
+  steps; any scheduler works in a DDPMPipeline since it only calls ``scheduler.step``);
+- class-labelled data (one sub-folder per class, a ClassLabel column) -> ``num_class_embeds =
+  classes + 1``: the last index is the null class of classifier-free guidance, trained with
+  ``denoising.label_dropout``; exported as stepdistill's ``ClassConditionalPipeline`` (its code
+  travels in the directory).
+
+The loss is :class:`~stepdistill.training.denoising.DenoisingMethod`'s (any VP schedule, any
+parameterization). Configs: ``configs/digits_teacher.yaml``, ``configs/shapes_teacher.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import torch
+
+from ..config import EMAConfig, OptimizerConfig, TrainingConfig, check_override_keys, from_dict, load_yaml, merge, parse_set_overrides, to_dict
+from ..errors import RecipeError
+from ..evaluation.benchmarks import EvaluationSection
+from ..export import export_info, save_class_conditional_pipeline, save_unconditional_pipeline
+from .checkpoint import load_trained_model
+from .denoising import DenoisingMethod, DenoisingSection
+from .trainer import Trainer
+
+PIPELINE_SUBDIR = "pipeline"
+
+
+@dataclass
+class TeacherDataSection:
+    images: Optional[str] = None  # an image folder, a `datasets` directory, or a registered name ("digits")
+    resolution: Optional[int] = None  # resize + crop to this; None: the images' own size
+    center_crop: bool = True
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    split: Optional[str] = None
+
+
+@dataclass
+class UNetSection:
+    """``UNet2DModel`` architecture (image size, channels and classes come from the data)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 2
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D")
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "UpBlock2D")
+    norm_num_groups: int = 8
+    attention_head_dim: Optional[int] = 8
+
+
+@dataclass
+class SchedulerSection:
+    """The scheduler the teacher is trained for and exported with."""
+
+    class_name: Literal["DDIMScheduler", "DDPMScheduler"] = "DDIMScheduler"
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    rescale_betas_zero_snr: bool = False
+    clip_sample: bool = False
+
+
+@dataclass
+class TeacherRecipe:
+    data: TeacherDataSection = field(default_factory=TeacherDataSection)
+    unet: UNetSection = field(default_factory=UNetSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    denoising: DenoisingSection = field(default_factory=DenoisingSection)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)  # the periodic FD (feature space, reference)
+
+
+def load_teacher_recipe(path, overrides: Mapping[str, Any] | None = None, set_items: Sequence[str] | None = None) -> TeacherRecipe:
+    data = load_yaml(path)
+    try:
+        sets = parse_set_overrides(set_items)
+        data = merge(merge(data, overrides or {}), sets)
+        check_override_keys(TeacherRecipe, sets)
+        recipe = from_dict(TeacherRecipe, data)
+    except RecipeError as exc:
+        raise RecipeError(f"{os.fspath(path)}: {exc}") from None
+    if not recipe.data.images:
+        raise RecipeError(f"{os.fspath(path)}: data.images is required: an image folder, a `datasets` directory or a registered dataset (--set data.images=DIR)")
+    return recipe
+
+
+def build_unet(section: UNetSection, sample_size: tuple[int, int], channels: int, num_classes: int | None):
+    from diffusers import UNet2DModel
+
+    if not (len(section.block_out_channels) == len(section.down_block_types) == len(section.up_block_types)):
+        raise RecipeError("unet: block_out_channels, down_block_types and up_block_types must have the same length")
+    for channels_ in section.block_out_channels:
+        if channels_ % section.norm_num_groups:
+            raise RecipeError(f"unet: every block_out_channels must be divisible by norm_num_groups ({section.norm_num_groups})")
+    factor = 2 ** (len(section.block_out_channels) - 1)
+    if sample_size[0] % factor or sample_size[1] % factor:
+        raise RecipeError(f"unet: {len(section.block_out_channels)} blocks halve the image {len(section.block_out_channels) - 1} times; "
+                          f"the data's {sample_size[0]}x{sample_size[1]} is not divisible by {factor} (set data.resolution)")
+    size = sample_size[0] if sample_size[0] == sample_size[1] else tuple(sample_size)
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(section.block_out_channels),
+        layers_per_block=section.layers_per_block,
+        down_block_types=tuple(section.down_block_types),
+        up_block_types=tuple(section.up_block_types),
+        norm_num_groups=section.norm_num_groups,
+        attention_head_dim=section.attention_head_dim,
+        num_class_embeds=None if num_classes is None else num_classes + 1,  # last index: the null class of CFG
+    )
+
+
+def build_scheduler(section: SchedulerSection):
+    import diffusers
+
+    kwargs = {k: v for k, v in to_dict(section).items() if k != "class_name"}
+    if section.class_name == "DDIMScheduler":
+        kwargs["set_alpha_to_one"] = True
+    return getattr(diffusers, section.class_name)(**kwargs)
+
+
+def teacher_card(dataset) -> dict[str, Any]:
+    """Model card fields: the dataset's own (a registered dataset may carry ``card``), else generic."""
+    card = dict(getattr(dataset, "card", None) or {})
+    card.setdefault("title", "stepdistill pixel teacher")
+    card.setdefault("description", f"UNet2DModel trained with stepdistill on {dataset.summary()}.")
+    card.setdefault("method", "denoising diffusion training")
+    card.setdefault("dataset", getattr(dataset, "source", None))
+    card.setdefault("license", "other")
+    card.setdefault("tags", ["teacher", "class-conditional" if dataset.kind == "class" else "unconditional"])
+    if dataset.kind == "class":
+        card.setdefault("class_names", list(dataset.class_names))
+    return card
+
+
+def train_teacher(
+    recipe_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    resume: bool = False,
+    overwrite: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    set_items: Sequence[str] | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+) -> Path:
+    """Train a pixel teacher from a recipe and export its EMA weights to ``output_dir/pipeline``."""
+    from ..data import open_images
+
+    recipe = load_teacher_recipe(recipe_path, overrides, set_items)
+    d = recipe.data
+    resolution = (d.resolution, d.resolution) if d.resolution else None
+    dataset = open_images(d.images, resolution=resolution, center_crop=d.center_crop, image_column=d.image_column,
+                          label_column=d.label_column, split=d.split)
+    if dataset.kind == "text":
+        raise RecipeError(f"train-teacher trains unconditional or class-conditional pixel teachers; {d.images} holds captions (text-to-image)")
+    if progress:
+        print(f"stepdistill train-teacher: {dataset.summary()}", flush=True)
+    torch.manual_seed(recipe.training.seed)  # the initial weights are part of the run's determinism
+    unet = build_unet(recipe.unet, (dataset.height, dataset.width), dataset.channels, dataset.num_classes if dataset.kind == "class" else None)
+    scheduler = build_scheduler(recipe.scheduler)
+    method = DenoisingMethod(unet, scheduler, dataset, optimizer=recipe.optimizer, ema=recipe.ema,
+                             label_dropout=recipe.denoising.label_dropout, eval_inference_steps=recipe.denoising.eval_inference_steps)
+    card = teacher_card(dataset)
+    evaluators = []
+    if evaluate:
+        from ..evaluation.benchmarks import benchmark_for
+
+        benchmark = benchmark_for(recipe.evaluation, d.images, "", dataset.channels, (dataset.height, dataset.width))
+        evaluators = [benchmark.evaluator()] if benchmark is not None else []
+    trainer = Trainer(method, recipe.training, output_dir, resume=resume, overwrite=overwrite,
+                      run_info={"kind": "teacher", "recipe": to_dict(recipe), "recipe_path": os.fspath(recipe_path), "cwd": os.getcwd(),
+                                "export": export_info(scheduler, role="unet", num_inference_steps=50, model_card_info=card,
+                                                      pipeline_class=None if dataset.kind == "class" else "DDPMPipeline")},
+                      evaluators=evaluators, progress=progress)
+    final = trainer.train()
+    pipeline_dir = Path(output_dir) / PIPELINE_SUBDIR
+    if trainer.accelerator.is_main_process:
+        ema_unet = load_trained_model(output_dir, role="unet", ema=True)
+        metrics = None
+        if final:
+            metrics = {"model": "teacher (EMA)", "steps": recipe.denoising.eval_inference_steps, "guidance_scale": 1.0,
+                       "samples": recipe.training.num_eval_samples, **{k.removeprefix("eval/"): v for k, v in final.items()}}
+        command = f"stepdistill train-teacher {os.fspath(recipe_path)} (evaluation at the last step)" if metrics else None
+        common = dict(num_inference_steps=50, metrics=metrics, metrics_command=command, model_card_info=card, overwrite=True)
+        if dataset.kind == "class":
+            save_class_conditional_pipeline(ema_unet, scheduler, pipeline_dir, **common)
+        else:
+            save_unconditional_pipeline(ema_unet, scheduler, pipeline_dir, pipeline_class="DDPMPipeline", **common)
+    trainer.accelerator.wait_for_everyone()
+    return pipeline_dir
+
+
+__all__ = ["TeacherRecipe", "build_scheduler", "build_unet", "load_teacher_recipe", "train_teacher"]
