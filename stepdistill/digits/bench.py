@@ -243,6 +243,28 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(results: dict[str, dict]) -> str:
+    """Several :func:`run_bench` results (same N, same noise) in one table with a model column,
+    the noise floor once at the end; where each came from below the table."""
+    lines = [
+        "| model | steps | guidance | FD ↓ | class accuracy ↑ | images/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, result in results.items():
+        for row in result["rows"]:
+            lines.append(
+                f"| {name} | {row['steps']} | {row['guidance_scale']:g} | {_format_number(row['fd'], 2)} "
+                f"| {_format_number(row['accuracy'], 3)} | {_format_number(row['images_per_second'], 0)} |"
+            )
+    first = next(iter(results.values()))
+    floor = first["noise_floor"]
+    lines.append(f"| real digits (noise floor) | – | – | {floor['fd']:.2f} ± {floor['fd_std']:.2f} | – | – |")
+    lines.append("")
+    lines.append(f"N = {first['num_samples']} class-balanced samples per row (seed {first['seed']}); "
+                 + "; ".join(f"{name}: {result['pipeline_dir']}" for name, result in results.items()))
+    return "\n".join(lines)
+
+
 def _markdown_report(results: dict) -> str:
     return (
         f"# Digits benchmark: `{results['pipeline_dir']}`\n\n"

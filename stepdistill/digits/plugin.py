@@ -80,12 +80,22 @@ class DigitsBenchmark:
         return make_evaluator(digits_reference())
 
     def report(self, student_dir, method, output_dir, progress: bool = True) -> str:
-        from .bench import format_table, run_bench
+        """``bench digits`` of the student at its step count, next to the shipped teacher's rows at
+        ``evaluation.teacher_steps`` without guidance and at the teacher guidance the run used."""
+        from pathlib import Path
 
-        samples = self.settings.report_samples if self.settings is not None else 2000
-        results = run_bench(student_dir, output_dir, num_samples=samples, steps=(method.num_steps,),
+        from .bench import default_teacher_dir, format_comparison, run_bench
+
+        s = self.settings
+        out = Path(output_dir)
+        guidance = sorted({1.0, float(method.recipe.teacher.guidance_scale)})
+        teacher = run_bench(default_teacher_dir(), out / "teacher", num_samples=s.report_samples, steps=tuple(s.teacher_steps),
+                            guidance_scales=tuple(guidance), progress=progress)
+        student = run_bench(student_dir, out / "student", num_samples=s.report_samples, steps=(method.num_steps,),
                             guidance_scales=(method.export_guidance_scale,), progress=progress)
-        return format_table(results)
+        table = format_comparison({"student": student, "teacher": teacher})
+        (out / "report.md").write_text(table + "\n")
+        return table
 
     # -- stepdistill eval ------------------------------------------------------------------------
     def load(self, path, device="cpu"):
