@@ -7,6 +7,7 @@
     stepdistill export RUN_DIR OUTPUT_DIR
     stepdistill curve RUN_DIR [RUN_DIR ...] --output curve.png
     stepdistill sample PIPELINE_DIR --output grid.png
+    stepdistill data shapes OUTPUT_DIR [--num-images N] [--seed S]
 
 Every subcommand imports its heavy modules lazily, so ``--help`` is instant. Bad input
 (:class:`~stepdistill.errors.StepdistillError`) is printed as one line and exits with status 2.
@@ -162,6 +163,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"model card updated: {card}")
 
 
+def _cmd_data(args: argparse.Namespace) -> None:
+    from .shapes import make_shapes
+
+    out = make_shapes(args.output_dir, num_images=args.num_images, seed=args.seed, size=args.size, overwrite=args.overwrite)
+    print(f"{args.num_images} shapes images (seed {args.seed}, {args.size}x{args.size}) written to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepdistill",
@@ -269,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch-size", type=int, default=16, help="fixed batch for the latency measurement")
     p.add_argument("--no-model-card", action="store_true", help="leave the README.md of exported directories alone")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("data", help="make a reference benchmark's image folder (shapes)",
+                       description="Write the shapes benchmark's images: a flat folder of procedural RGB PNGs "
+                       "(00000.png ...) and a README.md saying how it was made. See docs/shapes.md.")
+    p.add_argument("dataset", choices=["shapes"], help="which data")
+    p.add_argument("output_dir", help="folder to write (made atomically; must be empty or absent)")
+    p.add_argument("--num-images", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0, help="0: the training folder and FD reference; 1: fresh images for the noise floor")
+    p.add_argument("--size", type=int, default=16, help="image side in pixels")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_data)
     return parser
 
 
