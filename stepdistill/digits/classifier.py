@@ -161,6 +161,14 @@ def feature_module(classifier: DigitsClassifier | None = None) -> DigitsFeatures
     return DigitsFeatures(classifier if classifier is not None else load_classifier())
 
 
+def register_feature_spaces() -> None:
+    """Entry point of the ``stepdistill.feature_spaces`` group (pyproject.toml): the digits
+    classifier's features as the feature space ``digits`` (8x8 grey images)."""
+    from ..evaluation.feature_spaces import register_feature_space
+
+    register_feature_space("digits", feature_module, "digits classifier penultimate features")
+
+
 @torch.no_grad()
 def predict(images: torch.Tensor, classifier: nn.Module | None = None, batch_size: int = 512) -> torch.Tensor:
     """Predicted classes (int64 [N]) of [N, 1, 8, 8] images in [-1, 1]."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +22,8 @@ from torch import nn
 
 from ..errors import StepdistillError
 from .conditions import Conditions, label_conditions, load_prompts, prompt_conditions, unconditional
-from .features import check_feature_network, extract_features, inception_features
+from .feature_spaces import get_feature_space
+from .features import check_feature_network
 from .generation import EvalPipeline, generate_images, load_eval_pipeline
 from .latency import measure_latency
 from .reference import list_images, reference_features
@@ -101,16 +103,17 @@ def _conditions(models: list[EvalPipeline], prompts: list[str] | None, num_promp
 
 
 def _feature_network(feature, inception_weights) -> tuple[nn.Module, str]:
+    """A feature network and its display name: a module as given, or a registered feature space
+    ("auto": Inception with weights, else random-conv, with a note that its FD is not FID)."""
     if isinstance(feature, nn.Module):
         check_feature_network(feature)
         return feature, type(feature).__name__
-    if feature == "digits":
-        from ..digits.classifier import feature_module
-
-        return feature_module(), "digits classifier penultimate features"
-    if feature == "inception":
-        return inception_features(inception_weights), "Inception-v3 pool (FID), clean-fid resize"
-    raise StepdistillError(f"unknown feature network {feature!r}: use auto, digits, inception or pass an nn.Module")
+    if feature == "auto":
+        feature = "inception" if inception_weights is not None else "random-conv"
+        if feature == "random-conv":
+            print("note: no Inception weights (--inception-weights): FD is measured in random-conv features (FD_rc, not FID)", file=sys.stderr)
+    options = {} if inception_weights is None else {"inception_weights": inception_weights}
+    return get_feature_space(feature, **options)
 
 
 def _reference(models, feature, inception_weights, real_dir, cache_dir, batch_size) -> Reference:
@@ -121,7 +124,7 @@ def _reference(models, feature, inception_weights, real_dir, cache_dir, batch_si
                 "drop --real-dir / --feature"
             )
         return digits_reference()
-    network, name = _feature_network("inception" if feature == "auto" else feature, inception_weights)
+    network, name = _feature_network(feature, inception_weights)
     if real_dir is None:
         return Reference(network, name, None, {"name": None})
     channels = {m.channels for m in models}
@@ -186,7 +189,9 @@ def run_evaluation(
     through ``class_labels``), or the prompts of ``prompts_file`` (first ``num_prompts``), each
     generated with ``samples_per_prompt`` seeds. Digits pipelines are scored exactly as by
     ``stepdistill bench digits``; other pipelines against the features of ``real_dir`` in the
-    ``feature`` network ("auto" = Inception; or "digits", "inception", any ``nn.Module``).
+    ``feature`` space: a registered name (``feature_spaces()``: "random-conv", "inception",
+    "digits", ...), any ``nn.Module``, or "auto" = Inception when ``inception_weights`` is
+    given, else random-conv.
     ``noise_floor`` (digits only): also report the FD of as many real digits as samples, as the
     bench does. ``update_model_cards``: write each model's rows into its README.md, if it has one.
     """
