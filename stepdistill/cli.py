@@ -7,6 +7,8 @@
     stepdistill export RUN_DIR OUTPUT_DIR
     stepdistill curve RUN_DIR [RUN_DIR ...] --output curve.png
     stepdistill sample PIPELINE_DIR --output grid.png
+    stepdistill data shapes OUTPUT_DIR [--num-images N] [--seed S]
+    stepdistill features ladder REAL_DIR OTHER_REAL_DIR --feature random-conv
 
 Every subcommand imports its heavy modules lazily, so ``--help`` is instant. Bad input
 (:class:`~stepdistill.errors.StepdistillError`) is printed as one line and exits with status 2.
@@ -155,10 +157,38 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         command=_eval_command(args),
     )
     print(format_table(results))
+    print(f"features: {results['feature']}")
     outputs = results["outputs"]
     print(f"\nwritten: {outputs['metrics']}, {outputs['table']}, {outputs['samples']}, {outputs['plot']}")
     for card in results.get("model_cards", []):
         print(f"model card updated: {card}")
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from .shapes import make_shapes
+
+    out = make_shapes(args.output_dir, num_images=args.num_images, seed=args.seed, size=args.size, overwrite=args.overwrite)
+    print(f"{args.num_images} shapes images (seed {args.seed}, {args.size}x{args.size}) written to {out}")
+
+
+def _cmd_features(args: argparse.Namespace) -> None:
+    from .evaluation.feature_spaces import feature_spaces
+
+    if args.action == "list":
+        for name, description in feature_spaces().items():
+            print(f"{name}: {description}")
+        return
+    from .evaluation.ladder import folder_ladder, format_ladder
+
+    if args.other_real_dir is None:
+        raise StepdistillError("features ladder needs two folders of real images: REAL_DIR OTHER_REAL_DIR")
+    options = {} if args.inception_weights is None else {"inception_weights": args.inception_weights}
+    ladder = folder_ladder(args.real_dir, args.other_real_dir, args.feature, num_samples=args.num_samples,
+                           reference_samples=args.reference_samples, seed=args.seed, batch_size=args.batch_size, **options)
+    print(f"features: {ladder['feature']}")
+    print(f"reference: {ladder['num_reference']} images of {args.real_dir}; "
+          f"real and corrupted: {ladder['num_samples']} images of {args.other_real_dir}\n")
+    print(format_ladder(ladder["rows"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--real-dir", default=None, help="folder of real images (one size) for FID / KID / precision / recall")
-    p.add_argument("--feature", choices=["auto", "digits", "inception"], default="auto",
-                   help="feature network (auto: digits for digits pipelines, else Inception)")
+    p.add_argument("--feature", default="auto",
+                   help="feature space: auto (digits pipelines: digits; others: inception with --inception-weights, "
+                   "else random-conv) or a registered name: inception, random-conv, digits, ... (stepdistill features list)")
     p.add_argument("--inception-weights", default=None,
                    help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (needs torch-fidelity)")
     p.add_argument("--reference-cache", default=None, help="cache folder for real-image features (default ~/.cache/stepdistill)")
@@ -274,6 +305,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch-size", type=int, default=16, help="fixed batch for the latency measurement")
     p.add_argument("--no-model-card", action="store_true", help="leave the README.md of exported directories alone")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("data", help="make a reference benchmark's image folder (shapes)",
+                       description="Write the shapes benchmark's images: a flat folder of procedural RGB PNGs "
+                       "(00000.png ...) and a README.md saying how it was made. See docs/shapes.md.")
+    p.add_argument("dataset", choices=["shapes"], help="which data")
+    p.add_argument("output_dir", help="folder to write (made atomically; must be empty or absent)")
+    p.add_argument("--num-images", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0, help="0: the training folder and FD reference; 1: fresh images for the noise floor")
+    p.add_argument("--size", type=int, default=16, help="image side in pixels")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("features", help="FD feature spaces: list them, or run a sanity ladder on real images",
+                       description="`features list`: the registered feature spaces. `features ladder`: FD of real images "
+                       "against a reference under growing noise, blur, a colour shift and mode collapse (docs/shapes.md).")
+    p.add_argument("action", choices=["list", "ladder"])
+    p.add_argument("real_dir", nargs="?", metavar="REAL_DIR", help="ladder: folder of reference real images")
+    p.add_argument("other_real_dir", nargs="?", metavar="OTHER_REAL_DIR", help="ladder: folder of other real images (disjoint)")
+    p.add_argument("--feature", default="random-conv", help="registered feature space (stepdistill features list)")
+    p.add_argument("--num-samples", type=int, default=2000, help="images of OTHER_REAL_DIR (the first N, sorted)")
+    p.add_argument("--reference-samples", type=int, default=None,
+                   help="images of REAL_DIR (default: --num-samples; all of a training folder gives the noise floor)")
+    p.add_argument("--inception-weights", default=None, help="for --feature inception")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Gaussian noise")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=_cmd_features)
     return parser
 
 

@@ -104,7 +104,7 @@ def test_bad_input_is_a_one_line_error_and_writes_no_metrics(case, tiny_sd_dir, 
         expected = "is not a diffusers pipeline directory (no model_index.json)"
     else:
         args = ["eval", str(tiny_sd_dir), "--output-dir", str(out), "--steps", "1", "--prompts", str(prompts_file),
-                "--real-dir", str(_images(tmp_path / "real", [(32, 32)] * 2))]
+                "--real-dir", str(_images(tmp_path / "real", [(32, 32)] * 2)), "--feature", "inception"]
         expected = "weights-inception-2015-12-05-6726825d.pth"
     assert main(args) == 2
     assert expected in _error_line(capsys)

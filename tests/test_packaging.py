@@ -92,7 +92,9 @@ def test_wheel_contents(wheel):
             assert path.relative_to(REPO).as_posix() in names, f"package data {path.relative_to(REPO)} is missing from the wheel"
     assert not any(name.startswith(("tests/", "pipelines/")) for name in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "stepdistill = stepdistill.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    entry_points = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "stepdistill = stepdistill.cli:main" in entry_points
+    assert "[stepdistill.plugins]\ndigits = stepdistill.digits.plugin" in entry_points
 
 
 def test_installed_wheel_exports_a_pipeline_that_loads_without_stepdistill(installed, tmp_path):

@@ -322,13 +322,13 @@ def save_as_original_sd_checkpoint(pipe: StableDiffusionPipeline, path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
-def tiny_pixel_unet(num_class_embeds: int | None = None, seed: int = 0) -> UNet2DModel:
-    """A tiny 8x8x1 pixel UNet; ``num_class_embeds=11`` gives the digits layout (10 classes + null)."""
+def tiny_pixel_unet(num_class_embeds: int | None = None, seed: int = 0, channels: int = 1, sample_size: int = 8) -> UNet2DModel:
+    """A tiny pixel UNet (default 8x8x1); ``num_class_embeds=11`` gives the digits layout (10 classes + null)."""
     torch.manual_seed(seed)
     return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),

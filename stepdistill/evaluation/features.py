@@ -2,13 +2,15 @@
 
 A feature network is any ``nn.Module`` with an int ``num_features`` that maps float images
 [B, C, H, W] in [0, 1] to [B, num_features] (the convention of :mod:`stepdistill.metrics`).
-Three are at hand:
+Named ones are registered in :mod:`.feature_spaces` (``--feature NAME``), among them:
 
 - the digits classifier's penultimate features (``stepdistill.digits.classifier.feature_module``);
 - :func:`inception_features`: the standard FID Inception-v3 (torch-fidelity's port of the
   TensorFlow graph, through torchmetrics), read from a local weights file, with clean-fid-style
   resizing (PIL bicubic to 299x299 on each channel before quantizing to uint8);
-- anything else the caller passes.
+- a fixed random-weight CNN (``random-conv``, :class:`.feature_spaces.RandomConvFeatures`);
+
+and the caller can pass any other network.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +22,8 @@ from torch import nn
 
 from ..errors import StepdistillError
 from .conditions import Conditions, label_conditions, load_prompts, prompt_conditions, unconditional
-from .features import check_feature_network, extract_features, inception_features
+from .feature_spaces import get_feature_space
+from .features import check_feature_network
 from .generation import EvalPipeline, generate_images, load_eval_pipeline
 from .latency import measure_latency
 from .reference import list_images, reference_features
@@ -101,12 +103,17 @@ def _conditions(models: list[EvalPipeline], prompts: list[str] | None, num_promp
 
 
 def _feature_network(feature, inception_weights) -> tuple[nn.Module, str]:
+    """A feature network and its display name: a module as given, or a registered feature space
+    ("auto": Inception with weights, else random-conv, with a note that its FD is not FID)."""
     if isinstance(feature, nn.Module):
         check_feature_network(feature)
         return feature, type(feature).__name__
-    from .feature_spaces import get_feature_space
-
-    return get_feature_space(feature, **({"inception_weights": inception_weights} if feature == "inception" else {}))
+    if feature == "auto":
+        feature = "inception" if inception_weights is not None else "random-conv"
+        if feature == "random-conv":
+            print("note: no Inception weights (--inception-weights): FD is measured in random-conv features (FD_rc, not FID)", file=sys.stderr)
+    options = {} if inception_weights is None else {"inception_weights": inception_weights}
+    return get_feature_space(feature, **options)
 
 
 def _reference(models, feature, inception_weights, real_dir, cache_dir, batch_size) -> Reference:
@@ -118,7 +125,7 @@ def _reference(models, feature, inception_weights, real_dir, cache_dir, batch_si
                 "drop --real-dir / --feature"
             )
         return benchmark.reference()
-    network, name = _feature_network("inception" if feature == "auto" else feature, inception_weights)
+    network, name = _feature_network(feature, inception_weights)
     if real_dir is None:
         return Reference(network, name, None, {"name": None})
     channels = {m.channels for m in models}
@@ -183,8 +190,11 @@ def run_evaluation(
     through ``class_labels``), or the prompts of ``prompts_file`` (first ``num_prompts``), each
     generated with ``samples_per_prompt`` seeds. Pipelines a benchmark claims (digits) are scored
     exactly as that benchmark scores them; other pipelines against the features of ``real_dir`` in the
-    ``feature`` network ("auto" = Inception; or "inception", any ``nn.Module``).
-    ``noise_floor`` (benchmark pipelines): also report the benchmark's noise floor at this N. ``update_model_cards``: write each model's rows into its README.md, if it has one.
+    ``feature`` space: a registered name (``feature_spaces()``: "random-conv", "inception",
+    "digits", ...), any ``nn.Module``, or "auto" = Inception when ``inception_weights`` is
+    given, else random-conv.
+    ``noise_floor`` (benchmark pipelines): also report the benchmark's noise floor at this N.
+    ``update_model_cards``: write each model's rows into its README.md, if it has one.
     """
     from tqdm.auto import tqdm
 
