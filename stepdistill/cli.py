@@ -92,7 +92,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if kind == "distill":
         from .distillers.run import export_run_dir as export
     else:
-        from .export import export_run as export
+        from .training.teacher import export_run as export
     out = export(args.run_dir, args.output_dir, ema=not args.no_ema, overwrite=args.overwrite)
     print(f"written to {out}")
 

@@ -46,6 +46,24 @@ import yaml
 from .errors import RecipeError
 
 T = TypeVar("T")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true / false are booleans, so ``mixed_precision: no``
+    (or ``--set training.mixed_precision=no``) stays the string "no"."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -105,7 +123,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise RecipeError(f"recipe file not found: {path}")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f)
+            data = parse_yaml(f.read())
         except yaml.YAMLError as exc:
             raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:
@@ -139,7 +157,7 @@ def parse_set_overrides(items: Sequence[str] | None) -> dict[str, Any]:
         if not sep or not all(path):
             raise RecipeError(f"--set takes KEY.SUB=VALUE (e.g. training.max_steps=100); got {item!r}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise RecipeError(f"--set {item}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
         node = out

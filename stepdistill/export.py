@@ -4,8 +4,9 @@
   in the directory), loaded with ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)``.
 - :func:`save_unconditional_pipeline`: a stock ``DDIMPipeline`` / ``DDPMPipeline`` directory, for
   unconditional teachers and their students.
-- :func:`export_run` (``stepdistill export RUN_DIR OUTPUT_DIR`` of a teacher-training run): either
-  of the above, using the settings the run recorded with :func:`export_info`.
+- :func:`export_info`: the settings a teacher-training run records so that
+  ``stepdistill export RUN_DIR OUTPUT_DIR`` (:func:`stepdistill.training.teacher.export_run`)
+  writes either of the above later.
 
 Both write atomically (the directory is built next to ``output_dir`` and renamed into place),
 refuse a non-empty ``output_dir`` unless ``overwrite=True``, and write a model card.
@@ -170,9 +171,6 @@ def save_unconditional_pipeline(
 
 
 # -- training runs ------------------------------------------------------------------------------
-RUN_FILE = "run.json"
-
-
 def export_info(
     scheduler,
     *,
@@ -195,44 +193,6 @@ def export_info(
         "pipeline_class": pipeline_class,  # unconditional models: DDIMPipeline / DDPMPipeline (None: by scheduler)
         "model_card": dataclasses.asdict(ModelCardInfo.coerce(model_card_info)),
     }
-
-
-def export_run(
-    run_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    ema: bool = True,
-    overwrite: bool = False,
-    checkpoint: str | os.PathLike | None = None,
-) -> Path:
-    """Export a teacher-training run's (EMA) model from its latest checkpoint (or ``checkpoint``) as a
-    pipeline directory: class-conditional UNets as ``ClassConditionalPipeline``, others as the
-    recorded stock pipeline (``DDPMPipeline`` / ``DDIMPipeline``). Distillation runs are exported
-    by :func:`stepdistill.distillers.run.export_run_dir` (``stepdistill export`` picks)."""
-    import diffusers
-
-    from .training.checkpoint import load_trained_model
-
-    run_file = Path(run_dir) / RUN_FILE
-    if not run_file.is_file():
-        raise StepdistillError(f"{run_dir} is not a training run directory ({RUN_FILE} missing)")
-    info = json.loads(run_file.read_text()).get("export")
-    if not info:
-        raise StepdistillError(f"run {run_dir} records no export settings ('export' in {RUN_FILE}; see stepdistill.export.export_info)")
-    scheduler_config = dict(info["scheduler"])
-    scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), None)
-    if scheduler_class is None:
-        raise StepdistillError(f"run {run_dir} names an unknown scheduler class {scheduler_config.get('_class_name')!r}")
-    scheduler = scheduler_class.from_config(scheduler_config)
-    model = load_trained_model(run_dir, info.get("role", "unet"), ema=ema, checkpoint=checkpoint)
-    common = dict(
-        num_inference_steps=info.get("num_inference_steps"),
-        model_card_info=info.get("model_card"),
-        overwrite=overwrite,
-    )
-    if getattr(model.config, "num_class_embeds", None) is None:
-        return save_unconditional_pipeline(model, scheduler, output_dir, pipeline_class=info.get("pipeline_class"), **common)
-    return save_class_conditional_pipeline(model, scheduler, output_dir, guidance_scale=info.get("guidance_scale", 1.0), **common)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -322,7 +282,6 @@ def _diffusers_version() -> str:
 
 __all__ = [
     "export_info",
-    "export_run",
     "make_student_scheduler",
     "save_class_conditional_pipeline",
     "save_unconditional_pipeline",

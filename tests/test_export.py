@@ -342,7 +342,8 @@ def write_fake_run(run_dir, raw_unet, ema_unet, export):
 
 
 def test_export_run_uses_the_recorded_scheduler_and_the_ema_weights(tmp_path):
-    from stepdistill.export import export_info, export_run
+    from stepdistill.export import export_info
+    from stepdistill.training.teacher import export_run
 
     raw, ema = tiny_unet(11, seed=0), tiny_unet(11, seed=1)
     scheduler = make_student_scheduler(teacher_scheduler(), 2)
@@ -365,7 +366,7 @@ def test_export_run_uses_the_recorded_scheduler_and_the_ema_weights(tmp_path):
 
 
 def test_export_run_errors_are_clear(tmp_path):
-    from stepdistill.export import export_run
+    from stepdistill.training.teacher import export_run
 
     with pytest.raises(StepdistillError, match="not a training run directory"):
         export_run(tmp_path, tmp_path / "out")

@@ -18,6 +18,7 @@ parameterization). Configs: ``configs/digits_teacher.yaml``, ``configs/shapes_te
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,10 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 import torch
 
 from ..config import EMAConfig, OptimizerConfig, TrainingConfig, check_override_keys, from_dict, load_yaml, merge, parse_set_overrides, to_dict
-from ..errors import RecipeError
+from ..errors import RecipeError, StepdistillError
 from ..evaluation.benchmarks import EvaluationSection
 from ..export import export_info, save_class_conditional_pipeline, save_unconditional_pipeline
-from .checkpoint import load_trained_model
+from .checkpoint import RUN_FILE, load_trained_model
 from .denoising import DenoisingMethod, DenoisingSection
 from .trainer import Trainer
 
@@ -206,4 +207,40 @@ def train_teacher(
     return pipeline_dir
 
 
-__all__ = ["TeacherRecipe", "build_scheduler", "build_unet", "load_teacher_recipe", "train_teacher"]
+def export_run(
+    run_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    ema: bool = True,
+    overwrite: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+) -> Path:
+    """Export a teacher-training run's (EMA) model from its latest checkpoint (or ``checkpoint``) as a
+    pipeline directory: class-conditional UNets as ``ClassConditionalPipeline``, others as the
+    recorded stock pipeline (``DDPMPipeline`` / ``DDIMPipeline``). Distillation runs are exported
+    by :func:`stepdistill.distillers.run.export_run_dir` (``stepdistill export`` picks)."""
+    import diffusers
+
+    run_file = Path(run_dir) / RUN_FILE
+    if not run_file.is_file():
+        raise StepdistillError(f"{run_dir} is not a training run directory ({RUN_FILE} missing)")
+    info = json.loads(run_file.read_text()).get("export")
+    if not info:
+        raise StepdistillError(f"run {run_dir} records no export settings ('export' in {RUN_FILE}; see stepdistill.export.export_info)")
+    scheduler_config = dict(info["scheduler"])
+    scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), None)
+    if scheduler_class is None:
+        raise StepdistillError(f"run {run_dir} names an unknown scheduler class {scheduler_config.get('_class_name')!r}")
+    scheduler = scheduler_class.from_config(scheduler_config)
+    model = load_trained_model(run_dir, info.get("role", "unet"), ema=ema, checkpoint=checkpoint)
+    common = dict(
+        num_inference_steps=info.get("num_inference_steps"),
+        model_card_info=info.get("model_card"),
+        overwrite=overwrite,
+    )
+    if getattr(model.config, "num_class_embeds", None) is None:
+        return save_unconditional_pipeline(model, scheduler, output_dir, pipeline_class=info.get("pipeline_class"), **common)
+    return save_class_conditional_pipeline(model, scheduler, output_dir, guidance_scale=info.get("guidance_scale", 1.0), **common)
+
+
+__all__ = ["TeacherRecipe", "export_run", "build_scheduler", "build_unet", "load_teacher_recipe", "train_teacher"]
