@@ -10,7 +10,9 @@ Conventions:
   float batch [B, C, H, W] in [0, 1] (torchmetrics' ``normalize=True`` convention) to
   [B, num_features]. Wrap networks that want another input range or size.
 - everything is batched in a fixed order and accumulated in float64, so results are
-  deterministic for given inputs.
+  deterministic for given inputs;
+- metrics never synchronise across processes (``sync_on_compute=False``): under ``accelerate
+  launch`` the main process evaluates alone, on complete sets.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def frechet_distance(
     was_training = feature.training
     feature.eval()
     try:
-        metric = FrechetInceptionDistance(feature=feature, normalize=True)
+        metric = FrechetInceptionDistance(feature=feature, normalize=True, sync_on_compute=False)
         for images, real in ((images_a, True), (images_b, False)):
             for start in range(0, images.shape[0], batch_size):
                 metric.update(_to_unit_range(images[start : start + batch_size]), real=real)

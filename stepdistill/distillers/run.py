@@ -227,7 +227,7 @@ def distill(
         (output_dir / "train_minutes.txt").write_text(f"{minutes:.2f}\n")
         if (recipe.evaluation.report if report is None else report) and benchmark is not None and out.name == "pipeline":
             print(benchmark.report(out, method, output_dir / "report", progress=progress))
-    trainer.accelerator.wait_for_everyone()
+    trainer.finish()
     return out
 
 

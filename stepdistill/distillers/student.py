@@ -45,11 +45,32 @@ def pipeline_timestep_kwargs(teacher, sample_shape, num_steps: int) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+class PreparedNetwork:
+    """A role as ``accelerator.prepare`` returned it (a DDP wrapper) seen as its network: calls go
+    through the wrapper (its hooks run), attributes (``dtype``, ``config``) come from the network."""
+
+    def __init__(self, prepared: nn.Module):
+        self.prepared = prepared
+        self.network = prepared.module
+
+    def __call__(self, *args, **kwargs):
+        return self.prepared(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.network, name)
+
+
 def with_network(teacher, network: nn.Module):
-    """A shallow copy of the teacher adapter whose denoiser is ``network`` (everything else shared)."""
+    """A shallow copy of the teacher adapter whose denoiser is ``network`` (everything else shared).
+    ``network`` may be a prepared (DDP-wrapped) role: the adapter then calls it through the wrapper."""
     clone = copy.copy(teacher)
     clone._modules = dict(teacher._modules)
-    clone._modules[denoiser_name(teacher)] = network
+    name = denoiser_name(teacher)
+    if hasattr(network, "module") and not hasattr(network, "config"):  # a DDP / accelerate wrapper
+        clone._modules.pop(name)
+        clone.__dict__[name] = PreparedNetwork(network)
+    else:
+        clone._modules[name] = network
     return clone
 
 

@@ -65,7 +65,7 @@ def clip_score(images: torch.Tensor, prompts: list[str], clip, batch_size: int =
     model, processor = load_local_clip(clip) if isinstance(clip, (str, os.PathLike)) else clip
     if not isinstance(model, _FeatureTensors):
         model = _FeatureTensors(model)
-    metric = CLIPScore(model_name_or_path=lambda: (model, processor))
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor), sync_on_compute=False)
     pixels = _to_rgb_uint8(images)
     for start in range(0, len(prompts), batch_size):
         metric.update(list(pixels[start : start + batch_size]), list(prompts[start : start + batch_size]))

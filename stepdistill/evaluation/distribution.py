@@ -26,7 +26,7 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
 
     _check_features(real, "real features")
     _check_features(fake, "generated features")
-    metric = FrechetInceptionDistance(feature=IdentityFeatures(real.shape[1]), normalize=True)
+    metric = FrechetInceptionDistance(feature=IdentityFeatures(real.shape[1]), normalize=True, sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return max(float(metric.compute()), 0.0)  # tiny negative values are round-off of zero
@@ -49,7 +49,7 @@ def kid_from_features(
     size = min(subset_size, real.shape[0], fake.shape[0])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=IdentityFeatures(real.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=IdentityFeatures(real.shape[1]), subsets=subsets, subset_size=size, sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws its subsets from the global RNG

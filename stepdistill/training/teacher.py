@@ -203,7 +203,7 @@ def train_teacher(
             save_class_conditional_pipeline(ema_unet, scheduler, pipeline_dir, **common)
         else:
             save_unconditional_pipeline(ema_unet, scheduler, pipeline_dir, pipeline_class="DDPMPipeline", **common)
-    trainer.accelerator.wait_for_everyone()
+    trainer.finish()
     return pipeline_dir
 
 

@@ -355,8 +355,15 @@ class Trainer:
                     save_checkpoint(self, done)
         finally:
             bar.close()
-            acc.end_training()
+            for tracker in acc.trackers:  # the process group stays up for the caller's export: see finish()
+                tracker.finish()
         return self.last_metrics
+
+    def finish(self) -> None:
+        """After the run's last collective step (export on the main process, a barrier): end
+        accelerate's training (destroys the process group of a multi-process launch)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Samples from the method (main process), a grid PNG, and the evaluators' metrics."""
