@@ -23,6 +23,7 @@ from .base import Conditioning, Teacher
 
 class PixelUNetTeacher(Teacher):
     family = "pixel"
+    denoiser_name = "unet"
     is_latent = False
 
     def __init__(self, unet: UNet2DModel, scheduler, pipeline_class: str = "DDPMPipeline"):
