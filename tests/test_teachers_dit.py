@@ -159,7 +159,7 @@ def test_build_pipeline_round_trips_through_a_fresh_process(saved, tmp_path):
 
     run_fresh_python(
         f"""
-        import json, torch
+        import torch
         from diffusers import DiffusionPipeline
         from safetensors.torch import save_file
         pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "pipe")!r})
@@ -167,9 +167,9 @@ def test_build_pipeline_round_trips_through_a_fresh_process(saved, tmp_path):
         out = pipe({LABELS!r}, guidance_scale=4.0, num_inference_steps={STEPS}, generator=torch.Generator().manual_seed(0),
                    output_type="pt").images
         save_file({{"images": out.contiguous()}}, {str(tmp_path / "out.safetensors")!r})
-        print(json.dumps(pipe.labels))
+        assert pipe.labels["golden retriever"] == 207  # id2label came back from model_index.json
         """,
         cwd=tmp_path,
-    ) and None
+    )
     assert (load_file(tmp_path / "out.safetensors")["images"] - expected).abs().max().item() < TOL
     assert load_teacher(tmp_path / "pipe").labels == teacher.labels
