@@ -1,4 +1,4 @@
-"""Tiny random-weight SD / SDXL / Flux pipelines built from configs, with in-memory tokenizers.
+"""Tiny random-weight SD / SDXL / SD3 / Flux / DiT pipelines built from configs, with in-memory tokenizers.
 
 Stock diffusers pipeline objects, small enough that a few denoising steps take well under a
 second on a CPU, and deterministic (each component is built after ``torch.manual_seed``).
@@ -16,9 +16,13 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -204,11 +208,7 @@ def tiny_flux_pipeline(guidance_embeds: bool = True) -> FluxPipeline:
         axes_dims_rope=[4, 4, 8],
         guidance_embeds=guidance_embeds,
     ).eval()
-    torch.manual_seed(3)
-    t5 = T5EncoderModel(
-        T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=64, pad_token_id=0, eos_token_id=1,
-                 decoder_start_token_id=0, relative_attention_num_buckets=8)
-    ).eval()
+    t5 = tiny_t5_encoder(seed=3)
     return FluxPipeline(
         transformer=transformer,
         vae=tiny_vae(seed=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
@@ -220,17 +220,89 @@ def tiny_flux_pipeline(guidance_embeds: bool = True) -> FluxPipeline:
     )
 
 
+def tiny_t5_encoder(seed: int = 3, d_model: int = 32) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    return T5EncoderModel(
+        T5Config(d_model=d_model, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=64, pad_token_id=0, eos_token_id=1,
+                 decoder_start_token_id=0, relative_attention_num_buckets=8)
+    ).eval()
+
+
+def sd3_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """SD3-medium's scheduler config: a static shift of 3."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def tiny_sd3_pipeline(with_t5: bool = True) -> StableDiffusion3Pipeline:
+    """A tiny SD3 pipeline: two CLIP encoders with projection (hidden 32 each, concatenated to 64,
+    zero-padded to the T5 width 64 as SD3 pads 2048 to 4096), a T5 encoder (or none: SD3 then
+    uses zeros for the T5 tokens), a VAE with scaling and shift factors, 4 latent channels."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,  # 32 + 32: both CLIP projections concatenated
+        out_channels=4,
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=sd3_scheduler(),
+        vae=tiny_vae(seed=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=tiny_clip_text_encoder(seed=2, with_projection=True),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(seed=4, with_projection=True),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed=3, d_model=64) if with_t5 else None,
+        tokenizer_3=tiny_t5_tokenizer() if with_t5 else None,
+    )
+
+
+def dit_ddim_scheduler() -> DDIMScheduler:
+    """DiT-XL-2-256's scheduler: linear betas, epsilon prediction (the network also predicts a variance)."""
+    return DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False, set_alpha_to_one=True)
+
+
+def tiny_dit_pipeline(id2label: dict[int, str] | None = None) -> DiTPipeline:
+    """A tiny DiT pipeline (DiT-XL-2 layout: 1000 classes + the null class 1000 that DiTPipeline
+    hard-codes, learned sigma: out_channels = 2 x 4 latent channels, 2x2 patches)."""
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+    ).eval()
+    return DiTPipeline(transformer=transformer, vae=tiny_vae(seed=1, scaling_factor=0.18215), scheduler=dit_ddim_scheduler(), id2label=id2label)
+
+
 __all__ = [
     "CLIP_MAX_LENGTH",
     "T5_MAX_LENGTH",
+    "dit_ddim_scheduler",
     "flux_scheduler",
     "save_as_original_sd_checkpoint",
     "sd_ddim_scheduler",
+    "sd3_scheduler",
     "tiny_clip_text_encoder",
+    "tiny_dit_pipeline",
+    "tiny_sd3_pipeline",
     "tiny_clip_tokenizer",
     "tiny_flux_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_t5_encoder",
     "tiny_t5_tokenizer",
     "tiny_vae",
 ]

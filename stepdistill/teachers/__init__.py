@@ -20,7 +20,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "pixel": ("stepdistill.teachers.pixel", "PixelUNetTeacher"),
     "sd": ("stepdistill.teachers.stable_diffusion", "StableDiffusionTeacher"),
     "sdxl": ("stepdistill.teachers.sdxl", "StableDiffusionXLTeacher"),
+    "sd3": ("stepdistill.teachers.sd3", "StableDiffusion3Teacher"),
     "flux": ("stepdistill.teachers.flux", "FluxTeacher"),
+    "dit": ("stepdistill.teachers.dit", "DiTTeacher"),
 }
 
 # diffusers pipeline class name (model_index.json "_class_name") -> family
@@ -30,7 +32,9 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "ClassConditionalPipeline": "pixel",
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "DiTPipeline": "dit",
 }
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")

@@ -155,6 +155,24 @@ class Teacher(nn.Module):
             t = t.expand(x_t.shape[0])
         return t
 
+    # -- the stock pipeline -------------------------------------------------------------------
+    @property
+    def denoiser_name(self) -> str:
+        """The pipeline component (and teacher attribute) holding the network: "unet" or "transformer"."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its denoiser")
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network :meth:`model_output` runs (UNet or transformer)."""
+        return getattr(self, self.denoiser_name)
+
+    def build_pipeline(self, denoiser: nn.Module, scheduler):
+        """The family's stock diffusers pipeline object around ``denoiser`` (the teacher's own
+        network or a student) and ``scheduler``, sharing this teacher's other components (text
+        encoders, tokenizers, VAE) -- the same objects, not copies. ``save_pretrained`` on it
+        writes a directory that ``DiffusionPipeline.from_pretrained`` loads without stepdistill."""
+        raise NotImplementedError(f"build_pipeline is not implemented for teacher family {self.family!r}")
+
     # -- shapes and VAE -----------------------------------------------------------------------
     def sample_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         """Shape of one sample in the space the network works in (C, H, W) -- latents for latent families."""

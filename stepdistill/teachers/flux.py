@@ -63,6 +63,7 @@ def latent_image_ids(height: int, width: int, device=None, dtype=None) -> torch.
 
 class FluxTeacher(LatentTeacher):
     family = "flux"
+    denoiser_name = "transformer"
     pipeline_class_name = "FluxPipeline"
     component_names = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 

@@ -1,4 +1,4 @@
-"""What the latent text-to-image teachers (SD 1.x/2.x, SDXL, Flux) have in common.
+"""What the latent teachers (SD 1.x/2.x, SDXL, SD3, Flux; DiT for loading and the VAE) have in common.
 
 - loading the components of a diffusers pipeline directory, each from its subfolder, with the
   classes its ``model_index.json`` names (:func:`load_components`);
@@ -33,14 +33,20 @@ def read_model_index(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def load_components(path: str | os.PathLike, names: Sequence[str], torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
+def load_components(
+    path: str | os.PathLike, names: Sequence[str], torch_dtype: torch.dtype | None = None, optional: Sequence[str] = ()
+) -> dict[str, Any]:
     """Load ``names`` from the subfolders of a diffusers pipeline directory, with the classes
-    its model_index.json lists (as ``DiffusionPipeline.from_pretrained`` would)."""
+    its model_index.json lists (as ``DiffusionPipeline.from_pretrained`` would). A name in
+    ``optional`` that model_index.json lists as absent (``[null, null]``) or not at all is None."""
     path = os.fspath(path)
     index = read_model_index(path)
     components = {}
     for name in names:
         entry = index.get(name)
+        if (not entry or entry[0] is None) and name in optional:
+            components[name] = None
+            continue
         if not entry or entry[0] is None:
             raise TeacherLoadError(f"{path}/model_index.json has no {name!r} component")
         if not os.path.isdir(os.path.join(path, name)):
@@ -78,6 +84,7 @@ class LatentTeacher(Teacher):
     is_latent = True
     pipeline_class_name: str = ""
     component_names: tuple[str, ...] = ()
+    optional_component_names: tuple[str, ...] = ()  # may be None (SD3 without its T5 encoder)
 
     def __init__(self, vae, scheduler, text_cache: TextEmbeddingCache | None = None):
         super().__init__()
@@ -97,18 +104,10 @@ class LatentTeacher(Teacher):
         self.eval()
 
     @property
-    def denoiser(self) -> torch.nn.Module:
-        """The network ``model_output`` runs (UNet or transformer)."""
-        raise NotImplementedError
-
-    @property
-    def denoiser_name(self) -> str:
-        """The attribute (and pipeline component) holding the denoiser: "unet" or "transformer"."""
-        return "unet" if "unet" in self.component_names else "transformer"
-
     def build_pipeline(self, denoiser: torch.nn.Module, scheduler):
         """The family's stock diffusers pipeline around ``denoiser`` and ``scheduler``, sharing
-        this teacher's text encoders, tokenizers and VAE."""
+        this teacher's text encoders, tokenizers and VAE (``pipeline_class_name`` with the
+        components of ``component_names``)."""
         import diffusers
 
         parts = {name: getattr(self, name) for name in self.component_names}
@@ -135,17 +134,18 @@ class LatentTeacher(Teacher):
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise TeacherLoadError(f"teacher path is not a directory: {path}")
-        components = load_components(path, cls.component_names, torch_dtype=torch_dtype)
+        components = load_components(path, cls.component_names, torch_dtype=torch_dtype, optional=cls.optional_component_names)
         options = {k: v for k, v in read_model_index(path).items() if not k.startswith("_") and not isinstance(v, list)}
         return cls(**components, **cls._pipeline_options(options), **kwargs)
 
     @classmethod
     def from_pipeline(cls, pipe, **kwargs):
         """Wrap the components of a diffusers pipeline object you already hold (shared, not copied)."""
-        missing = [name for name in cls.component_names if getattr(pipe, name, None) is None]
+        required = [name for name in cls.component_names if name not in cls.optional_component_names]
+        missing = [name for name in required if getattr(pipe, name, None) is None]
         if missing:
             raise TeacherLoadError(f"{type(pipe).__name__} lacks components {missing} that {cls.__name__} needs")
-        components = {name: getattr(pipe, name) for name in cls.component_names}
+        components = {name: getattr(pipe, name, None) for name in cls.component_names}
         return cls(**components, **cls._pipeline_options(pipeline_config(pipe)), **kwargs)
 
     @classmethod

@@ -24,8 +24,8 @@ from .base import Conditioning, Teacher
 
 class PixelUNetTeacher(Teacher):
     family = "pixel"
-    is_latent = False
     denoiser_name = "unet"
+    is_latent = False
 
     def __init__(self, unet: UNet2DModel, scheduler, pipeline_class: str = "DDPMPipeline"):
         super().__init__()

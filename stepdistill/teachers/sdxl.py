@@ -28,6 +28,7 @@ from .text import TextEmbeddingCache, clip_penultimate_and_pooled
 
 class StableDiffusionXLTeacher(LatentTeacher):
     family = "sdxl"
+    denoiser_name = "unet"
     pipeline_class_name = "StableDiffusionXLPipeline"
     component_names = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 

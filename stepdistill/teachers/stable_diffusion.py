@@ -19,6 +19,7 @@ from .text import TextEmbeddingCache, clip_last_hidden_state
 
 class StableDiffusionTeacher(LatentTeacher):
     family = "sd"
+    denoiser_name = "unet"
     pipeline_class_name = "StableDiffusionPipeline"
     component_names = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
