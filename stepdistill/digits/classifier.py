@@ -158,7 +158,7 @@ def load_classifier() -> DigitsClassifier:
 
 def feature_module(classifier: DigitsClassifier | None = None) -> DigitsFeatures:
     """The FD feature network (default: the shipped classifier's penultimate features)."""
-    return DigitsFeatures(classifier if classifier is not None else load_classifier())
+    return DigitsFeatures(classifier if classifier is not None else load_classifier()).eval()  # evaluation restores this mode
 
 
 @torch.no_grad()

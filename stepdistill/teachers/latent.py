@@ -103,7 +103,6 @@ class LatentTeacher(Teacher):
         self.requires_grad_(False)
         self.eval()
 
-    @property
     def build_pipeline(self, denoiser: torch.nn.Module, scheduler):
         """The family's stock diffusers pipeline around ``denoiser`` and ``scheduler``, sharing
         this teacher's text encoders, tokenizers and VAE (``pipeline_class_name`` with the
