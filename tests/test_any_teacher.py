@@ -189,3 +189,29 @@ def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(user_files, tmp_pat
         assert len(err.splitlines()) == 1 and err.startswith("stepdistill distill: error:"), (case, err)
         assert message in err, (case, err)
         assert not out.exists(), case
+
+
+# -- train-teacher on any image folder ------------------------------------------------------------
+def test_train_teacher_on_a_flat_folder_and_on_class_folders(tmp_path):
+    """A flat folder gives an unconditional teacher exported as a stock DDPMPipeline; one sub-folder
+    per class gives a class-conditional one (null class for CFG) as a ClassConditionalPipeline."""
+    from diffusers import DiffusionPipeline
+
+    flat = write_images(tmp_path / "flat", 8, size=(16, 16))
+    classes = tmp_path / "classes"
+    for i, name in enumerate(["cat", "dog", "owl"]):
+        write_images(classes / name, 3, size=(16, 16), seed=i)
+    tiny = ["--set", "unet.block_out_channels=[8, 16]", "--set", "unet.down_block_types=[DownBlock2D, DownBlock2D]",
+            "--set", "unet.up_block_types=[UpBlock2D, UpBlock2D]", "--set", "unet.norm_num_groups=4", "--set", "unet.attention_head_dim=8",
+            "--set", "training.max_steps=2", "--set", "training.batch_size=4", "--set", "training.eval_every=0",
+            "--set", "training.num_eval_samples=4", "--set", "denoising.eval_inference_steps=2", "--set", "evaluation.feature=random-conv"]
+    for name, folder in {"flat": flat, "classes": classes}.items():
+        code = main(["train-teacher", str(ROOT / "configs" / "shapes_teacher.yaml"), "--output-dir", str(tmp_path / f"{name}_run"),
+                     "--set", f"data.images={folder}", *tiny])
+        assert code == 0, name
+    flat_pipe = DiffusionPipeline.from_pretrained(tmp_path / "flat_run" / "pipeline")
+    assert type(flat_pipe).__name__ == "DDPMPipeline" and flat_pipe.unet.config.num_class_embeds is None
+    assert flat_pipe(batch_size=2, num_inference_steps=2, output_type="np").images.shape == (2, 16, 16, 3)
+    class_pipe = DiffusionPipeline.from_pretrained(tmp_path / "classes_run" / "pipeline", trust_remote_code=True)
+    assert type(class_pipe).__name__ == "ClassConditionalPipeline" and class_pipe.unet.config.num_class_embeds == 4  # 3 + null
+    assert class_pipe(class_labels=[0, 2], num_inference_steps=2, output_type="np").images.shape == (2, 16, 16, 3)

@@ -108,6 +108,10 @@ def build_unet(section: UNetSection, sample_size: tuple[int, int], channels: int
     for channels_ in section.block_out_channels:
         if channels_ % section.norm_num_groups:
             raise RecipeError(f"unet: every block_out_channels must be divisible by norm_num_groups ({section.norm_num_groups})")
+    head = section.attention_head_dim
+    if head is not None and (section.block_out_channels[-1] < head or section.block_out_channels[-1] % head):
+        raise RecipeError(f"unet: attention_head_dim ({head}) must divide the last block_out_channels ({section.block_out_channels[-1]}): "
+                          "the mid block (and attention blocks) split their channels into heads of that size")
     factor = 2 ** (len(section.block_out_channels) - 1)
     if sample_size[0] % factor or sample_size[1] % factor:
         raise RecipeError(f"unet: {len(section.block_out_channels)} blocks halve the image {len(section.block_out_channels) - 1} times; "
