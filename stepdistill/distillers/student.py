@@ -150,7 +150,6 @@ def save_student_pipeline(
     ``guidance_scale``: the pipeline's default (a w-conditioned student's w; baked-in students 1).
     """
     from ..export import _write_directory, save_class_conditional_pipeline, save_unconditional_pipeline
-    from ..model_card import PipelineUsage
 
     card = dict(metrics=metrics, metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite)
     if teacher.family == "pixel":
@@ -161,46 +160,57 @@ def save_student_pipeline(
             )
         return save_unconditional_pipeline(network, scheduler, output_dir, num_inference_steps=num_steps, **card)
     pipe = teacher.build_pipeline(network, scheduler)
-    # FluxPipeline's guidance_scale is FLUX.1-dev's embedded guidance, which the student was trained with.
-    if teacher.family == "flux":
-        guidance_scale = getattr(teacher, "embedded_guidance_scale", 1.0)
-    usage = PipelineUsage(pipeline_class=type(pipe).__name__, num_inference_steps=num_steps, guidance_scale=guidance_scale)
-    return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), usage,
-                            model_card_info, metrics, metrics_command)
+    return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
+                            num_inference_steps=num_steps, guidance_scale=_pipeline_guidance(teacher, guidance_scale),
+                            model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
 
 
-def save_student_lora(teacher, network: nn.Module, scheduler, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_student_lora(
+    teacher,
+    network: nn.Module,
+    scheduler,
+    output_dir: str | os.PathLike,
+    *,
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    metrics=None,
+    metrics_command: str | None = None,
+    model_card_info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """A LoRA student as ``pytorch_lora_weights.safetensors`` (diffusers format) plus its scheduler
-    under ``scheduler/``, for the stock teacher pipeline::
+    under ``scheduler/``, for the stock teacher pipeline, and a model card (its ``base_model``:
+    the teacher, required)::
 
         pipe.scheduler = <SchedulerClass>.from_pretrained(dir, subfolder="scheduler")
         pipe.load_lora_weights(dir)
     """
     from peft.utils import get_peft_model_state_dict
 
-    from ..export import _check_output_dir, _replace_directory
+    from ..export import _write_directory
     from .common import has_lora
 
     if not has_lora(network):
         raise StepdistillError("save_student_lora: this student has no LoRA (student.lora_rank is 0)")
-    out = Path(output_dir).absolute()
-    _check_output_dir(out, overwrite)
     pipeline_cls = type(teacher.build_pipeline(network, scheduler))
     layers = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(network).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import shutil
-    import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    def build(tmp: Path) -> None:
         # unet_lora_layers (SD / SDXL) or transformer_lora_layers (Flux, SD3)
         pipeline_cls.save_lora_weights(tmp, **{f"{denoiser_name(teacher)}_lora_layers": layers}, safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
-        _replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return _write_directory(output_dir, overwrite, build, num_inference_steps=num_steps,
+                            guidance_scale=_pipeline_guidance(teacher, guidance_scale), base_pipeline=pipeline_cls.__name__,
+                            model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
+
+
+def _pipeline_guidance(teacher, guidance_scale: float) -> float:
+    """The ``guidance_scale`` the family's stock pipeline is called with: FluxPipeline's is FLUX.1-dev's
+    embedded guidance, which the student was trained with; the others' is the student's own w."""
+    if teacher.family == "flux":
+        return teacher.embedded_guidance_scale if teacher.uses_embedded_guidance else 1.0
+    return guidance_scale
 
 
 __all__ = [
