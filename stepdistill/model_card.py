@@ -99,7 +99,7 @@ KID_NOTE = (
     "features' scale: KID is comparable only within one feature space (in the digits classifier's features, "
     "where x·x / d is about 23, a clearly worse model scores in the hundreds; in Inception features values are "
     "around 10⁻³). Being unbiased, it scatters around 0 when the two sets are close and can then be slightly "
-    "negative: a value within about one std of 0 means indistinguishable from the reference at this N."
+    "negative: a negative value, or one within about two stds of 0, means the sets are not told apart at this N."
 )
 PEAK_MEMORY_NOTES = {
     "cpu_peak_rss": "peak memory: the process's peak resident set size (VmHWM) during the timed calls "
@@ -221,7 +221,8 @@ def read_usage(
         lora=base_pipeline is not None,
         num_classes=num_classes,
         guidance_embedding=denoiser.get("time_cond_proj_dim") is not None,
-        embedded_guidance=bool(denoiser.get("guidance_embeds")),
+        # FluxPipeline's guidance_scale is never CFG (that is true_cfg_scale): a LoRA file's transformer config is the base's
+        embedded_guidance=bool(denoiser.get("guidance_embeds")) or pipeline_class == "FluxPipeline",
         timesteps=_sampling_timesteps(directory, scheduler_class, num_inference_steps),
     )
 
@@ -233,7 +234,7 @@ def pipeline_kind(pipeline_class: str) -> str:
     import diffusers
 
     cls = getattr(diffusers, pipeline_class, None)
-    if cls is None or not hasattr(cls, "__call__"):
+    if cls is None:
         raise StepdistillError(f"cannot write a model card for pipeline class {pipeline_class!r}: not a diffusers pipeline")
     parameters = inspect.signature(cls.__call__).parameters
     if "prompt" in parameters:
@@ -348,7 +349,7 @@ def render_model_card(
         pipeline_tag=usage.pipeline_tag,
         base_model=portable_path(info.base_model),
         license=info.license,
-        datasets=[info.dataset] if info.dataset else None,
+        datasets=[_relative_text(info.dataset)] if info.dataset else None,
         tags=list(dict.fromkeys(tags)),
         model_name=title if results else None,  # the model-index's name
         eval_results=results or None,
@@ -442,7 +443,7 @@ def _default_title(usage: PipelineUsage) -> str:
 
 
 def _description(usage: PipelineUsage, info: ModelCardInfo) -> list[str]:
-    lines = [info.description, ""] if info.description else []
+    lines = [_relative_text(info.description), ""] if info.description else []
     if usage.lora:
         what = (f"LoRA weights (`{LORA_WEIGHTS}`, diffusers format) for a stock `{usage.pipeline_class}`, loaded with "
                 "`load_lora_weights`, plus the scheduler they were trained for (`scheduler/`)")
@@ -458,7 +459,7 @@ def _description(usage: PipelineUsage, info: ModelCardInfo) -> list[str]:
     if info.method:
         facts.append(f"- **Method**: {info.method}" + (f", recipe `{portable_path(info.recipe)}`." if info.recipe else "."))
     if info.dataset:
-        facts.append(f"- **Training data**: {info.dataset}.")
+        facts.append(f"- **Training data**: {_relative_text(info.dataset)}.")
     facts.append(f"- **Sampling**: {_sampling(usage, info)}.")
     if usage.guidance_scale is not None:
         facts.append(f"- **Guidance**: {_guidance(usage, info)}.")
@@ -689,7 +690,16 @@ def _plain(value):
 
 
 def _numbers(values: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+    """A list of timesteps; long ones as their first three and last two."""
+    shown = [f"{float(v):g}" for v in values]
+    if len(shown) > 8:
+        shown = shown[:3] + ["..."] + shown[-2:]
+    return "[" + ", ".join(shown) + "]" + (f" ({len(values)})" if len(values) > 8 else "")
+
+
+def _relative_text(text: str | None) -> str | None:
+    """Free text (a description, a dataset line) without the working directory's absolute prefix."""
+    return None if text is None else text.replace(os.getcwd() + os.sep, "")
 
 
 def _slug(text: str) -> str:

@@ -229,3 +229,36 @@ def test_a_lora_card_needs_its_base_model(tmp_path):
     with pytest.raises(StepdistillError, match="needs base_model"):
         save_student_lora(teacher, student, make_student_scheduler(teacher.scheduler, 1), tmp_path / "lora", num_steps=1)
     assert not any(tmp_path.iterdir())  # atomic: nothing left behind
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_a_distillation_run_card_names_its_recipe_teacher_timesteps_and_guidance(tmp_path, monkeypatch, lora_rank):
+    """The fields `stepdistill distill` passes (run.model_card) through export_student: an SD
+    DMD2 student (full, or a LoRA file) of a teacher the recipe names by a relative path."""
+    from pathlib import Path
+
+    from stepdistill.distillers.registry import load_distill_recipe
+    from stepdistill.distillers.run import build_method, export_student, load_recipe_teacher, model_card
+
+    recipe_path = Path(__file__).resolve().parent.parent / "configs" / "sd15_dmd2.yaml"
+    monkeypatch.chdir(tmp_path)
+    tiny_sd_pipeline().save_pretrained(tmp_path / "teachers" / "sd")
+    recipe = load_distill_recipe(recipe_path, {
+        "teacher": {"path": "teachers/sd", "height": 32, "width": 32}, "student": {"lora_rank": lora_rank},
+        "data": {"latents": None, "prompts_file": None, "prompts": ["a cat"]}, "training": {"mixed_precision": "no"}})
+    method = build_method(load_recipe_teacher(recipe), recipe, None)
+    metrics = {"model": "DMD2 student", "steps": 1, "guidance_scale": 1.0, "num_samples": 16, "fd": 3.5}
+    out = export_student(method, method.student, tmp_path / "run" / ("lora" if lora_rank else "pipeline"),
+                         card=model_card(method, recipe_path), metrics=metrics, metrics_command="stepdistill distill sd15_dmd2.yaml")
+    card = ModelCard.load(out / "README.md", ignore_metadata_errors=False)
+    assert card.data.pipeline_tag == "text-to-image" and card.data.base_model == "teachers/sd"
+    assert {"dmd2", "text-to-image"} <= set(card.data.tags) and ("lora" in card.data.tags) == bool(lora_rank)
+    text = (out / "README.md").read_text()
+    assert "1 step with `DDIMScheduler`, trained at timesteps [999]; trained at 32x32 pixels" in text
+    assert "the teacher's guidance w = 1.75 was distilled into the weights" in text
+    assert "recipe `sd15_dmd2.yaml`" in text and "DMD2: distribution matching" in text  # outside the cwd: its name
+    assert "| DMD2 student | 1 | 1.00 | 16 | 3.50 |" in text and "stepdistill distill sd15_dmd2.yaml" in text
+    snippet = readme_snippet(out)
+    assert "guidance_scale=1.0" in snippet and "height=32" in snippet and "trust_remote_code" not in snippet
+    assert ("load_lora_weights" in snippet) == bool(lora_rank)
+    assert str(tmp_path) not in text
