@@ -169,6 +169,7 @@ class PipelineUsage:
     guidance_embedding: bool = False  # guidance_scale feeds a w-embedding (LCM / w-conditioned students)
     embedded_guidance: bool = False  # Flux: guidance_scale is FLUX.1-dev's distilled guidance input, not CFG
     timesteps: list[float] | None = None  # what scheduler.set_timesteps(num_inference_steps) gives (None: depends on the image size)
+    trained_guidance_range: list[float] | None = None  # a w-conditioned ClassConditionalPipeline's, from model_index.json
 
     @property
     def pipeline_tag(self) -> str:
@@ -194,7 +195,7 @@ def read_usage(
     if base_pipeline is not None:
         if not (directory / LORA_WEIGHTS).is_file():
             raise StepdistillError(f"{directory} has no {LORA_WEIGHTS}: not a LoRA directory")
-        pipeline_class, custom, components = base_pipeline, False, {}
+        pipeline_class, custom, components, index = base_pipeline, False, {}, {}
     else:
         index = _read_json(directory / "model_index.json")
         name = index.get("_class_name")
@@ -224,6 +225,7 @@ def read_usage(
         # FluxPipeline's guidance_scale is never CFG (that is true_cfg_scale): a LoRA file's transformer config is the base's
         embedded_guidance=bool(denoiser.get("guidance_embeds")) or pipeline_class == "FluxPipeline",
         timesteps=_sampling_timesteps(directory, scheduler_class, num_inference_steps),
+        trained_guidance_range=index.get("trained_guidance_range"),
     )
 
 
@@ -499,8 +501,9 @@ def _guidance(usage: PipelineUsage, info: ModelCardInfo) -> str:
         text = f"{w} is the embedded (distilled) guidance input of FLUX.1-dev-style transformers, not classifier-free guidance"
     elif usage.guidance_embedding:
         text = f"{w} feeds the model's w-embedding: one pass per step, no classifier-free guidance pass"
-        if info.trained_guidance_range:
-            lo, hi = info.trained_guidance_range
+        trained = info.trained_guidance_range or usage.trained_guidance_range
+        if trained:
+            lo, hi = trained
             text += f"; trained for w in [{lo:g}, {hi:g}]"
     elif usage.guidance_scale <= 1:
         text = f"{w}: no classifier-free guidance pass"

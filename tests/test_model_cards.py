@@ -223,12 +223,21 @@ def test_portable_paths_and_installed_packages(tmp_path, monkeypatch):
     assert str(default_teacher_dir().resolve()).startswith(inside_installed_package(stepdistill.__file__))
 
 
-def test_a_lora_card_needs_its_base_model(tmp_path):
-    teacher = StableDiffusionTeacher.from_pipeline(tiny_sd_pipeline())
+def test_a_lora_card_names_the_teacher_it_was_loaded_from_or_refuses(tmp_path, monkeypatch):
+    from stepdistill.teachers import load_teacher
+
+    teacher = StableDiffusionTeacher.from_pipeline(tiny_sd_pipeline())  # built in memory: no path to name
     student = add_lora(copy.deepcopy(teacher.unet), 2, ["to_q"])
     with pytest.raises(StepdistillError, match="needs base_model"):
         save_student_lora(teacher, student, make_student_scheduler(teacher.scheduler, 1), tmp_path / "lora", num_steps=1)
     assert not any(tmp_path.iterdir())  # atomic: nothing left behind
+    monkeypatch.chdir(tmp_path)
+    tiny_sd_pipeline().save_pretrained(tmp_path / "models" / "sd")
+    loaded = load_teacher("models/sd")
+    out = save_student_lora(loaded, add_lora(copy.deepcopy(loaded.unet), 2, ["to_q"]), make_student_scheduler(loaded.scheduler, 1),
+                            tmp_path / "lora", num_steps=1)
+    assert read_front_matter(out)["base_model"] == "models/sd"
+    assert 'StableDiffusionPipeline.from_pretrained("models/sd")' in readme_snippet(out)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])

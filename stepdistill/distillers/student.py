@@ -18,6 +18,7 @@ with the scheduler it is exported with, and written as a stock diffusers artefac
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
 from pathlib import Path
@@ -151,6 +152,7 @@ def save_student_pipeline(
     """
     from ..export import _write_directory, save_class_conditional_pipeline, save_unconditional_pipeline
 
+    model_card_info = _with_base_model(teacher, model_card_info)
     card = dict(metrics=metrics, metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite)
     if teacher.family == "pixel":
         if getattr(network.config, "num_class_embeds", None) is not None:
@@ -179,8 +181,8 @@ def save_student_lora(
     overwrite: bool = False,
 ) -> Path:
     """A LoRA student as ``pytorch_lora_weights.safetensors`` (diffusers format) plus its scheduler
-    under ``scheduler/``, for the stock teacher pipeline, and a model card (its ``base_model``:
-    the teacher, required)::
+    under ``scheduler/``, for the stock teacher pipeline, and a model card whose snippet loads the
+    teacher (``base_model``; default: the directory the teacher was loaded from)::
 
         pipe.scheduler = <SchedulerClass>.from_pretrained(dir, subfolder="scheduler")
         pipe.load_lora_weights(dir)
@@ -192,6 +194,7 @@ def save_student_lora(
 
     if not has_lora(network):
         raise StepdistillError("save_student_lora: this student has no LoRA (student.lora_rank is 0)")
+    model_card_info = _with_base_model(teacher, model_card_info)
     pipeline_cls = type(teacher.build_pipeline(network, scheduler))
     layers = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(network).items()}
 
@@ -203,6 +206,17 @@ def save_student_lora(
     return _write_directory(output_dir, overwrite, build, num_inference_steps=num_steps,
                             guidance_scale=_pipeline_guidance(teacher, guidance_scale), base_pipeline=pipeline_cls.__name__,
                             model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
+
+
+def _with_base_model(teacher, model_card_info):
+    """The card fields with ``base_model`` defaulting to the path the teacher was loaded from, as
+    it was given (diffusers records it as the denoiser's ``_name_or_path``; empty for a teacher
+    built in memory)."""
+    from ..model_card import ModelCardInfo
+
+    info = ModelCardInfo.coerce(model_card_info)
+    loaded_from = getattr(teacher.denoiser.config, "_name_or_path", None)
+    return info if info.base_model or not loaded_from else dataclasses.replace(info, base_model=loaded_from)
 
 
 def _pipeline_guidance(teacher, guidance_scale: float) -> float:
