@@ -153,7 +153,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         clip_model=args.clip_model,
         kid_subsets=args.kid_subsets,
         latency_batch_size=args.latency_batch_size,
-        update_model_cards=not args.no_model_card,
+        update_model_cards=args.update_model_card,
         command=_eval_command(args),
     )
     print(format_table(results))
@@ -162,6 +162,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(f"\nwritten: {outputs['metrics']}, {outputs['table']}, {outputs['samples']}, {outputs['plot']}")
     for card in results.get("model_cards", []):
         print(f"model card updated: {card}")
+    for reason in results.get("model_cards_left_alone", []):
+        print(f"model card left alone: {reason}")
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -277,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate pipeline directories: FD/FID, KID, precision/recall, diversity, CLIP, latency",
                        description="Evaluate one or more diffusers pipeline directories (teacher and students side by side) "
                        "over step counts, guidance scales and TCD gammas. Writes metrics.json, metrics.md, samples.png and "
-                       "plot.png; updates the model card of exported directories. See docs/evaluation.md.")
+                       "plot.png into --output-dir and nothing else: the evaluated directories are left as they are "
+                       "unless --update-model-card. See docs/evaluation.md.")
     p.add_argument("pipeline_dirs", nargs="+", metavar="PIPELINE_DIR", help="diffusers pipeline directories")
     p.add_argument("--output-dir", default="outputs/eval", help="where the four outputs are written")
     p.add_argument("--names", nargs="+", default=None, help="model names for the table and plot (default: directory names)")
@@ -303,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default=None, help="local CLIP directory (CLIPModel + CLIPProcessor) for CLIP score")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets of up to 1000 samples (cost grows linearly)")
     p.add_argument("--latency-batch-size", type=int, default=16, help="fixed batch for the latency measurement")
-    p.add_argument("--no-model-card", action="store_true", help="leave the README.md of exported directories alone")
+    p.add_argument("--update-model-card", action="store_true",
+                   help="also write this run's rows and command into the model card (README.md) of each evaluated directory "
+                   "that has one; never a directory inside an installed package (e.g. the shipped digits teacher)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("data", help="make a reference benchmark's image folder (shapes)",

@@ -9,7 +9,8 @@
   writes either of the above later.
 
 Both write atomically (the directory is built next to ``output_dir`` and renamed into place),
-refuse a non-empty ``output_dir`` unless ``overwrite=True``, and write a model card.
+refuse a non-empty ``output_dir`` unless ``overwrite=True``, and write a model card rendered from
+the files they wrote (:mod:`stepdistill.model_card`).
 
 A few-step student is trained on the timesteps its exported scheduler produces:
 :func:`make_student_scheduler` builds that scheduler from the teacher's, and
@@ -32,7 +33,7 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from .errors import OutputDirError, StepdistillError
-from .model_card import Metrics, ModelCardInfo, PipelineUsage, write_model_card
+from .model_card import Metrics, ModelCardInfo, portable_path, write_model_card
 
 PIPELINE_FILE = "class_conditional_pipeline.py"
 GUIDANCE_UNET_FILE = "guidance_unet_2d.py"  # the w-conditioned UNet2DModel, a custom component in unet/
@@ -98,12 +99,6 @@ def save_class_conditional_pipeline(
     if getattr(unet.config, "num_class_embeds", None) is None:
         raise StepdistillError("this UNet has no class embedding (num_class_embeds is None): use save_unconditional_pipeline")
     steps = _check_steps(scheduler, 50 if num_inference_steps is None else num_inference_steps)
-    usage = PipelineUsage(
-        pipeline_class="ClassConditionalPipeline",
-        num_inference_steps=steps,
-        guidance_scale=float(guidance_scale),
-        num_classes=unet.config.num_class_embeds - 1,
-    )
 
     # A w-conditioned student (GuidanceUNet2DModel) travels with its class: diffusers loads
     # unet/guidance_unet_2d.py as a custom component under trust_remote_code.
@@ -119,15 +114,16 @@ def save_class_conditional_pipeline(
         index = {
             "_class_name": [Path(PIPELINE_FILE).stem, "ClassConditionalPipeline"],
             "_diffusers_version": _diffusers_version(),
-            "default_guidance_scale": usage.guidance_scale,
-            "default_num_inference_steps": usage.num_inference_steps,
+            "default_guidance_scale": float(guidance_scale),
+            "default_num_inference_steps": steps,
             "trained_guidance_range": None if trained_guidance_range is None else [float(w) for w in trained_guidance_range],
             "scheduler": ["diffusers", type(scheduler).__name__],
             "unet": unet_entry,
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    return _write_directory(output_dir, overwrite, build, usage, model_card_info, metrics, metrics_command)
+    return _write_directory(output_dir, overwrite, build, num_inference_steps=steps, guidance_scale=float(guidance_scale),
+                            model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
 
 
 def save_unconditional_pipeline(
@@ -162,12 +158,12 @@ def save_unconditional_pipeline(
     if pipeline_class not in ("DDIMPipeline", "DDPMPipeline"):
         raise StepdistillError(f"unconditional pipelines are exported as DDIMPipeline or DDPMPipeline; got {pipeline_class!r}")
     steps = _check_steps(scheduler, 50 if num_inference_steps is None else num_inference_steps)
-    usage = PipelineUsage(pipeline_class=pipeline_class, num_inference_steps=steps)
 
     def build(tmp: Path) -> None:
         getattr(diffusers, pipeline_class)(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
 
-    return _write_directory(output_dir, overwrite, build, usage, model_card_info, metrics, metrics_command)
+    return _write_directory(output_dir, overwrite, build, num_inference_steps=steps, guidance_scale=None,
+                            model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
 
 
 # -- training runs ------------------------------------------------------------------------------
@@ -209,12 +205,16 @@ def _write_directory(
     output_dir: str | os.PathLike,
     overwrite: bool,
     build: Callable[[Path], None],
-    usage: PipelineUsage,
-    model_card_info,
-    metrics,
-    metrics_command,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float | None,
+    model_card_info=None,
+    metrics=None,
+    metrics_command: str | None = None,
+    base_pipeline: str | None = None,
 ) -> Path:
-    """Build the directory in a temporary sibling, then rename it into place."""
+    """Build the directory in a temporary sibling, write its model card from what ``build`` wrote
+    (``base_pipeline``: a LoRA directory's pipeline class), then rename it into place."""
     out = Path(output_dir).absolute()
     _check_output_dir(out, overwrite)
     info = ModelCardInfo.coerce(model_card_info)
@@ -223,7 +223,8 @@ def _write_directory(
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it mkdir's mode
         build(tmp)
-        write_model_card(tmp, usage, info, model_id=str(out), metrics=metrics, command=metrics_command)
+        write_model_card(tmp, info, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                         base_pipeline=base_pipeline, model_id=portable_path(out), metrics=metrics, command=metrics_command)
         _replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,9 @@
 """``stepdistill eval``: the shipped digits teacher end to end, and bad input as one-line errors
 that leave no metrics.json behind."""
 
+import hashlib
 import json
-import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,16 +32,27 @@ def test_eval_help_lists_the_options(capsys):
         assert option in out
 
 
-def test_eval_on_the_shipped_digits_teacher_writes_all_four_outputs(tmp_path, capsys):
+def snapshot(directory) -> dict:
+    """Every file under ``directory`` (names, bytes) and every folder: what "unchanged" means."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_eval_on_the_shipped_digits_teacher_leaves_it_byte_for_byte_unchanged(tmp_path, capsys):
+    """The issue's case: `eval --update-model-card` on the teacher inside the installed package
+    writes the report to --output-dir and leaves the package's directory alone."""
     teacher = default_teacher_dir()
     if not (teacher / "model_index.json").is_file():
         pytest.skip(f"the digits teacher is not shipped yet at {teacher}")
-    local = tmp_path / "teacher"
-    shutil.copytree(teacher, local)  # the model card of the copy gets updated, not the shipped one
+    before = snapshot(teacher)
     out = tmp_path / "eval"
-    code = main(["eval", str(local), "--output-dir", str(out), "--num-samples", "100", "--steps", "1", "2",
-                 "--batch-size", "100", "--latency-batch-size", "10", "--kid-subsets", "10"])
+    code = main(["eval", str(teacher), "--output-dir", str(out), "--num-samples", "100", "--steps", "1", "2",
+                 "--batch-size", "100", "--latency-batch-size", "10", "--kid-subsets", "10", "--update-model-card"])
     assert code == 0
+    assert snapshot(teacher) == before
+    printed = capsys.readouterr().out
+    assert f"model card left alone: {teacher}: inside the installed package at" in printed
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -49,9 +61,40 @@ def test_eval_on_the_shipped_digits_teacher_writes_all_four_outputs(tmp_path, ca
     assert rows[1]["fd"] < rows[0]["fd"]  # a trained teacher improves with steps
     assert rows[1]["accuracy"] > 0.5
     assert metrics["command"].startswith("stepdistill eval ") and "--num-samples 100" in metrics["command"]
-    if (local / "README.md").is_file():
-        assert f"{rows[0]['fd']:.4g}" in (local / "README.md").read_text()
-    assert "FD" in capsys.readouterr().out
+    assert "--update-model-card" in metrics["command"] and "model card updated" not in printed
+    # the table: units in the headers, KID with its std, the process's peak RSS (never 0.0)
+    assert all(r["peak_memory_kind"] in ("cpu_peak_rss", "cpu_peak_rss_since_start") and r["peak_memory_mib"] > 50 for r in rows)
+    header = printed.splitlines()[0]
+    for title in ("FD ↓ (feature units²)", "KID ↓ (mean ± std, raw)", "latency (ms / image)", "peak memory (MiB)"):
+        assert title in header
+    memory = [line.split("|")[-2].strip() for line in printed.splitlines() if line.startswith("| teacher |")]
+    assert len(memory) == 2 and all(float(m) > 50 for m in memory)
+    assert f"{rows[0]['kid']:.4g} ± {rows[0]['kid_std']:.4g}" in printed
+
+
+def test_eval_leaves_its_inputs_unchanged_unless_asked(tmp_path, capsys):
+    """A pipeline directory with a model card and a real-image folder: byte for byte the same after
+    `eval`; with --update-model-card only the README changes."""
+    from diffusers import DDPMScheduler
+
+    from stepdistill.export import save_unconditional_pipeline
+    from tiny_pipelines import tiny_pixel_unet
+
+    pipe = save_unconditional_pipeline(tiny_pixel_unet(channels=3, sample_size=8), DDPMScheduler(), tmp_path / "pipe", num_inference_steps=2)
+    real = _images(tmp_path / "real", [(8, 8)] * 6)
+    args = ["eval", str(pipe), "--real-dir", str(real), "--steps", "2", "--num-samples", "6", "--batch-size", "6",
+            "--latency-batch-size", "2", "--kid-subsets", "2", "--reference-cache", str(tmp_path / "cache")]
+    inputs = {d: snapshot(d) for d in (pipe, real)}
+    assert main(args + ["--output-dir", str(tmp_path / "a")]) == 0
+    assert {d: snapshot(d) for d in (pipe, real)} == inputs
+    assert "model card" not in capsys.readouterr().out
+    assert main(args + ["--output-dir", str(tmp_path / "b"), "--update-model-card"]) == 0
+    after = snapshot(pipe)
+    assert {k for k in after if after[k] != inputs[pipe].get(k)} == {"README.md"} and after.keys() == inputs[pipe].keys()
+    assert snapshot(real) == inputs[real]
+    assert f"model card updated: {pipe / 'README.md'}" in capsys.readouterr().out
+    card = (pipe / "README.md").read_text()
+    assert "--update-model-card" in card and "FD ↓ (feature units²)" in card
 
 
 @pytest.fixture(scope="module")

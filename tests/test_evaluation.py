@@ -26,7 +26,7 @@ from stepdistill.evaluation import (
 from stepdistill.evaluation.features import clean_resize
 from stepdistill.metrics import frechet_distance
 
-LATENCY_FIELDS = {"ms_per_image", "images_per_second", "peak_memory_mb"}
+LATENCY_FIELDS = {"ms_per_image", "images_per_second", "peak_memory_mib"}
 
 
 class TinyConvFeatures(nn.Module):
@@ -89,6 +89,23 @@ def test_kid_is_seeded_and_grows_with_the_shift():
     kids = [kid_from_features(real, fake + s, subsets=20, subset_size=100, seed=3)[0] for s in (0.0, 0.5, 1.0)]
     assert abs(kids[0]) < kids[1] < kids[2]
     assert kid_from_features(real, fake, subsets=20, subset_size=100, seed=3) == kid_from_features(real, fake, subsets=20, subset_size=100, seed=3)
+
+
+def test_kid_is_the_raw_cubic_kernel_mmd_and_scales_with_the_features():
+    """The unit of the KID column: torchmetrics' MMD² with k(x, y) = (x.y / d + 1)^3 on the raw
+    features, not x 1000 -- so features of a larger scale give a far larger KID (the digits
+    classifier's, with x.x / d ~ 23, give KIDs in the hundreds)."""
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(60, 8, generator=generator, dtype=torch.float64)
+    fake = torch.randn(60, 8, generator=generator, dtype=torch.float64) + 0.5
+    d, m = real.shape[1], real.shape[0]
+    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    by_hand = ((k(real, real).sum() - k(real, real).diag().sum() + k(fake, fake).sum() - k(fake, fake).diag().sum()) / (m * (m - 1))
+               - 2 * k(real, fake).sum() / m**2)
+    kid, std = kid_from_features(real, fake, subsets=1, subset_size=m)  # one subset = the whole sets, permuted
+    assert kid == pytest.approx(float(by_hand), rel=1e-9) and std == 0
+    scaled, _ = kid_from_features(4 * real, 4 * fake, subsets=1, subset_size=m)
+    assert scaled > 100 * kid  # (16 x.y / d + 1)^3: the kernel, hence KID, grows with the features' scale
 
 
 # --- precision / recall / diversity ------------------------------------------------------------
@@ -311,7 +328,8 @@ def test_latency_counts_denoiser_evaluations_per_image_with_and_without_cfg():
     guided = measure_latency(sampler(3, cfg=True), denoiser, repeats=2)
     assert plain["nfe"] == 3 and guided["nfe"] == 6
     assert plain["latency_batch_size"] == 4 and plain["ms_per_image"] > 0 and plain["images_per_second"] > 0
-    assert plain["peak_memory_kind"] in ("cpu_rss_delta", "cpu_max_rss_delta") and plain["peak_memory_mb"] >= 0
+    # the process's peak RSS (this process holds torch: well over 50 MiB), never a delta that rounds to 0
+    assert plain["peak_memory_kind"] in ("cpu_peak_rss", "cpu_peak_rss_since_start") and plain["peak_memory_mib"] > 50
     assert not denoiser._forward_hooks  # the counting hook is removed afterwards
 
 
@@ -343,19 +361,20 @@ def test_eval_fd_equals_the_digits_bench_fd(tiny_digits_dir, tmp_path):
     bench = run_bench(tiny_digits_dir, None, num_samples=40, steps=(1, 2), guidance_scales=(2.0,), batch_size=16,
                       seed=3, save_grids=False, progress=False)
     results = run_evaluation([tiny_digits_dir], tmp_path / "eval", num_samples=40, steps=(1, 2), guidance_scales=(2.0,),
-                             batch_size=16, seed=3, latency_batch_size=4, latency_repeats=1, progress=False,
-                             update_model_cards=False)
+                             batch_size=16, seed=3, latency_batch_size=4, latency_repeats=1, progress=False)
     ours = {(r["steps"], r["guidance_scale"]): (r["fd"], r["accuracy"]) for r in results["rows"]}
     theirs = {(r["steps"], r["guidance_scale"]): (r["fd"], r["accuracy"]) for r in bench["rows"]}
     assert ours == theirs
     assert results["noise_floor"]["fd"] == pytest.approx(bench["noise_floor"]["fd"])
 
 
-def test_eval_twice_gives_the_same_numbers_and_updates_the_model_card(tiny_digits_dir, tmp_path):
+def test_eval_twice_gives_the_same_numbers_and_updates_the_model_card_only_when_asked(tiny_digits_dir, tmp_path):
     kwargs = dict(num_samples=30, steps=(1, 3), batch_size=16, seed=0, latency_batch_size=4, latency_repeats=1,
                   progress=False, noise_floor=False, command="stepdistill eval tiny --num-samples 30")
+    card_before = (tiny_digits_dir / "README.md").read_text()
     first = run_evaluation([tiny_digits_dir], tmp_path / "a", **kwargs)
-    second = run_evaluation([tiny_digits_dir], tmp_path / "b", **kwargs)
+    assert (tiny_digits_dir / "README.md").read_text() == card_before and "model_cards" not in first
+    second = run_evaluation([tiny_digits_dir], tmp_path / "b", update_model_cards=True, **kwargs)
     assert _comparable(first["rows"]) == _comparable(second["rows"])
     for name in ("metrics.json", "metrics.md", "samples.png", "plot.png"):
         assert (tmp_path / "a" / name).is_file()
@@ -364,9 +383,14 @@ def test_eval_twice_gives_the_same_numbers_and_updates_the_model_card(tiny_digit
     assert [r["nfe"] for r in saved["rows"]] == [1, 3]
     for row in saved["rows"]:
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and row["diversity"] > 0 and row["kid"] is not None
+        assert row["kid_std"] > 0 and row["peak_memory_mib"] > 0
+    assert second["model_cards"] == [str(tiny_digits_dir / "README.md")]
     card = (tiny_digits_dir / "README.md").read_text()
-    assert f"{first['rows'][0]['fd']:.4g}" in card and "stepdistill eval tiny --num-samples 30" in card
-    assert "ClassConditionalPipeline" in card  # the rest of the card is still there
+    assert f"| 1 | 1.00 | 30 | 1 | {first['rows'][0]['fd']:.2f} |" in card and "stepdistill eval tiny --num-samples 30" in card
+    assert f"{first['rows'][0]['kid']:.4g} ± {first['rows'][0]['kid_std']:.4g}" in card
+    assert card.split("<!-- stepdistill:metrics:start -->")[0].split("---\n", 2)[2] == card_before.split("<!-- stepdistill:metrics:start -->")[0].split("---\n", 2)[2]
+    report = (tmp_path / "a" / "metrics.md").read_text()
+    assert "peak memory (MiB)" in report and "can then be slightly negative" in report and "KID ↓ (mean ± std, raw)" in report
 
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,8 @@ def student(tmp_path_factory):
         tmp_path_factory.mktemp("export") / "student",
         num_inference_steps=STEPS,
         metrics=[
-            {"model": "teacher", "steps": 50, "guidance_scale": 2.0, "FD": 1.5, "accuracy": 0.97},
-            {"model": "student", "steps": STEPS, "guidance_scale": 1.0, "FD": 2.25, "accuracy": 0.955},
+            {"model": "teacher", "steps": 50, "guidance_scale": 2.0, "fd": 1.5, "accuracy": 0.97},
+            {"model": "student", "steps": STEPS, "guidance_scale": 1.0, "fd": 2.25, "accuracy": 0.955, "ms_per_image": 3.0},
         ],
         metrics_command="stepdistill bench runs/student --steps 1 2 4",
         model_card_info={"base_model": "stepdistill/digits-teacher", "method": "progressive-distillation"},
@@ -68,11 +68,13 @@ def readme_snippet(directory) -> str:
 
 
 def test_class_conditional_export_loads_without_stepdistill_and_matches_in_memory(student, tmp_path):
-    """One fresh process runs the model card's usage snippet as written, then samples with and
-    without guidance; the in-memory pipeline gives the same images."""
+    """One fresh process runs the model card's usage snippet as written (from the folder holding
+    the directory: it was exported from outside the working directory, so the card names it by
+    its name), then samples with and without guidance; the in-memory pipeline gives the same images."""
     unet, scheduler, out = student
     snippet = readme_snippet(out)
     assert "trust_remote_code=True" in snippet and f"num_inference_steps={STEPS}" in snippet
+    assert 'from_pretrained("student", trust_remote_code=True)' in snippet
     run_fresh_python(
         snippet
         + f"""
@@ -82,11 +84,11 @@ assert type(pipe).__name__ == "ClassConditionalPipeline"
 for w in (1.0, 3.0):
     images = pipe(class_labels=[0, 3, 9], num_inference_steps={STEPS}, guidance_scale=w,
                   generator=torch.Generator().manual_seed(0), output_type="np").images
-    np.save(f"images_w{{w:g}}.npy", images)
+    np.save(f"{tmp_path}/images_w{{w:g}}.npy", images)
 """,
-        cwd=tmp_path,
+        cwd=out.parent,
     )
-    assert (tmp_path / "sample.png").is_file()  # written by the snippet
+    assert (out.parent / "sample.png").is_file()  # written by the snippet
     pipe = in_memory_pipeline(unet, scheduler)
     for w in (1.0, 3.0):
         expected = pipe(class_labels=[0, 3, 9], num_inference_steps=STEPS, guidance_scale=w, generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -284,13 +286,16 @@ def test_exporters_refuse_the_wrong_kind_of_model(tmp_path):
 def test_model_card_front_matter_and_metrics(student):
     _, _, out = student
     meta = read_front_matter(out)
+    # the Hub has no class-conditional task: the tag says it
     assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "unconditional-image-generation"
     assert meta["base_model"] == "stepdistill/digits-teacher"
-    assert {"diffusers", "stepdistill", "class-conditional", "progressive-distillation"} <= set(meta["tags"])
+    assert {"diffusers", "stepdistill", "class-conditional"} <= set(meta["tags"])
     card = (out / "README.md").read_text()
-    assert "| model | steps | guidance_scale | FD | accuracy |" in card
-    assert "| teacher | 50 | 2 | 1.5 | 0.97 |" in card
-    assert "| student | 4 | 1 | 2.25 | 0.955 |" in card
+    assert "- **Method**: progressive-distillation." in card
+    # every column says its unit; a column a row lacks shows a dash
+    assert "| model | steps | guidance w | FD ↓ (feature units²) | class accuracy ↑ (0-1) | latency (ms / image) |" in card
+    assert "| teacher | 50 | 2.00 | 1.50 | 0.970 | – |" in card
+    assert "| student | 4 | 1.00 | 2.25 | 0.955 | 3.00 |" in card
     assert "stepdistill bench runs/student --steps 1 2 4" in card
 
 
@@ -299,15 +304,15 @@ def test_model_card_without_metrics_shows_no_numbers(tmp_path):
     card = (out / "README.md").read_text()
     assert "No metrics measured yet" in card and "|---" not in card
     meta = read_front_matter(out)
-    assert meta["license"] == "apache-2.0" and "base_model" not in meta
+    assert meta["license"] == "apache-2.0" and "base_model" not in meta and "model-index" not in meta
 
 
 def test_update_model_card_metrics_replaces_only_the_metrics(tmp_path):
-    out = save_class_conditional_pipeline(tiny_unet(11), teacher_scheduler(), tmp_path / "run", metrics={"FD": 9.0})
+    out = save_class_conditional_pipeline(tiny_unet(11), teacher_scheduler(), tmp_path / "run", metrics={"fd": 9.0})
     before = (out / "README.md").read_text()
-    update_model_card_metrics(out, [{"steps": 1, "FD": 3.14159, "accuracy": np.float32(0.5)}], command="stepdistill evaluate run")
+    update_model_card_metrics(out, [{"steps": 1, "fd": 3.14159, "accuracy": np.float32(0.5)}], command="stepdistill evaluate run")
     after = (out / "README.md").read_text()
-    assert "| 1 | 3.142 | 0.5 |" in after and "| 9 |" not in after
+    assert "| 1 | 3.14 | 0.500 |" in after and "| 9.00 |" not in after
     assert "stepdistill evaluate run" in after
     assert after.split("<!-- stepdistill:metrics:start -->")[0] == before.split("<!-- stepdistill:metrics:start -->")[0]
     with pytest.raises(StepdistillError, match="metric 'FD' must be a number or a string"):
@@ -356,7 +361,7 @@ def test_export_run_uses_the_recorded_scheduler_and_the_ema_weights(tmp_path):
     assert pipe.config.default_num_inference_steps == 2 and pipe.config.default_guidance_scale == 1.5
     assert student_timesteps(pipe.scheduler, 2).tolist() == [999, 499]
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert "consistency-distillation" in read_front_matter(out)["tags"]
+    assert "- **Method**: consistency-distillation." in (out / "README.md").read_text()
 
     raw_out = export_run(tmp_path / "run", tmp_path / "raw", ema=False)
     loaded = UNet2DModel.from_pretrained(raw_out, subfolder="unet")

@@ -153,7 +153,7 @@ def test_eval_of_an_unconditional_pipeline_names_its_feature_space(feature, ddim
     out = tmp_path / "eval"
     args = ["eval", str(pipeline), "--output-dir", str(out), "--real-dir", str(real), "--feature", feature,
             "--num-samples", "20", "--steps", "1", "--batch-size", "20", "--kid-subsets", "2", "--latency-batch-size", "2",
-            "--reference-cache", str(tmp_path / "cache"), "--no-model-card"]
+            "--reference-cache", str(tmp_path / "cache")]
     assert main(args) == 0
     printed = capsys.readouterr()
     metrics = json.loads((out / "metrics.json").read_text())

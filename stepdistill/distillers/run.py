@@ -27,6 +27,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import RecipeError, StepdistillError
+from ..model_card import portable_path
 from .base import Distiller, RunData
 from .common import has_lora, merge_lora
 from .recipe import DistillRecipe
@@ -116,14 +117,22 @@ def artefact_dir(method: Distiller, run_dir: str | os.PathLike) -> Path:
 
 
 def model_card(method: Distiller, recipe_path) -> dict[str, Any]:
-    teacher = method.recipe.teacher.path
+    """The model card fields of the run's student (paths as the recipe gives them; the card
+    makes them relative)."""
+    recipe = method.recipe
+    consistency = getattr(recipe, "consistency", None)  # LCM / PCM distil the teacher at w ~ consistency.guidance_range
+    sampler = getattr(method, "sampler", None)
     return {
-        "title": f"stepdistill {method.recipe.method.upper()} student ({method.num_steps} step{'s' if method.num_steps > 1 else ''})",
-        "description": f"A {method.num_steps}-step student of `{teacher}`, trained with stepdistill ({method.description}).",
-        "base_model": teacher,
+        "title": f"stepdistill {recipe.method.upper()} student ({method.num_steps} step{'s' if method.num_steps > 1 else ''})",
+        "base_model": recipe.teacher.path,
         "method": method.description,
+        "recipe": None if isinstance(recipe_path, Mapping) else os.fspath(recipe_path),
         "license": "other",
-        "tags": ["stepdistill", "distillation", method.recipe.method, "few-step"],
+        "tags": ["distillation", recipe.method, "few-step"],
+        "timesteps": None if sampler is None else [float(t) for t in sampler.timesteps],
+        "teacher_guidance_scale": consistency.guidance_range[0] if consistency is not None else recipe.teacher.guidance_scale,
+        "trained_guidance_range": None if method.trained_guidance_range is None else list(method.trained_guidance_range),
+        "resolution": [recipe.teacher.height, recipe.teacher.width] if recipe.teacher.height and recipe.teacher.width else None,
     }
 
 
@@ -134,7 +143,9 @@ def export_student(method: Distiller, network: torch.nn.Module, output: str | os
     network = method.export_network(network)
     out = Path(output)
     if method.lora_student and method.teacher.is_latent:
-        return save_student_lora(method.teacher, network, method.scheduler, out, overwrite=overwrite)
+        return save_student_lora(method.teacher, network, method.scheduler, out, num_steps=method.num_steps,
+                                 guidance_scale=method.export_guidance_scale, model_card_info=card, metrics=metrics,
+                                 metrics_command=metrics_command, overwrite=overwrite)
     full = merge_lora(network) if has_lora(network) else network
     common = dict(guidance_scale=method.export_guidance_scale, trained_guidance_range=method.trained_guidance_range,
                   model_card_info=card, overwrite=overwrite)
@@ -220,8 +231,8 @@ def distill(
         metrics = None
         if final:
             metrics = {"model": f"{recipe.method.upper()} student", "steps": method.num_steps, "guidance_scale": method.export_guidance_scale,
-                       "samples": recipe.training.num_eval_samples, **{k.removeprefix("eval/"): v for k, v in final.items()}}
-        command = "stepdistill distill " + (os.fspath(recipe_path) if not isinstance(recipe_path, Mapping) else "RECIPE")
+                       "num_samples": recipe.training.num_eval_samples, **{k.removeprefix("eval/"): v for k, v in final.items()}}
+        command = "stepdistill distill " + (portable_path(recipe_path) if not isinstance(recipe_path, Mapping) else "RECIPE")
         export_student(method, method.sampling_network(trainer), out, card=model_card(method, recipe_path), metrics=metrics,
                        metrics_command=f"{command} (evaluation at the last step)" if metrics else None)
         (output_dir / "train_minutes.txt").write_text(f"{minutes:.2f}\n")

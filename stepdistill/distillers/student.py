@@ -18,6 +18,7 @@ with the scheduler it is exported with, and written as a stock diffusers artefac
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
 from pathlib import Path
@@ -150,8 +151,8 @@ def save_student_pipeline(
     ``guidance_scale``: the pipeline's default (a w-conditioned student's w; baked-in students 1).
     """
     from ..export import _write_directory, save_class_conditional_pipeline, save_unconditional_pipeline
-    from ..model_card import PipelineUsage
 
+    model_card_info = _with_base_model(teacher, model_card_info)
     card = dict(metrics=metrics, metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite)
     if teacher.family == "pixel":
         if getattr(network.config, "num_class_embeds", None) is not None:
@@ -161,46 +162,69 @@ def save_student_pipeline(
             )
         return save_unconditional_pipeline(network, scheduler, output_dir, num_inference_steps=num_steps, **card)
     pipe = teacher.build_pipeline(network, scheduler)
-    # FluxPipeline's guidance_scale is FLUX.1-dev's embedded guidance, which the student was trained with.
-    if teacher.family == "flux":
-        guidance_scale = getattr(teacher, "embedded_guidance_scale", 1.0)
-    usage = PipelineUsage(pipeline_class=type(pipe).__name__, num_inference_steps=num_steps, guidance_scale=guidance_scale)
-    return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), usage,
-                            model_card_info, metrics, metrics_command)
+    return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
+                            num_inference_steps=num_steps, guidance_scale=_pipeline_guidance(teacher, guidance_scale),
+                            model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
 
 
-def save_student_lora(teacher, network: nn.Module, scheduler, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_student_lora(
+    teacher,
+    network: nn.Module,
+    scheduler,
+    output_dir: str | os.PathLike,
+    *,
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    metrics=None,
+    metrics_command: str | None = None,
+    model_card_info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """A LoRA student as ``pytorch_lora_weights.safetensors`` (diffusers format) plus its scheduler
-    under ``scheduler/``, for the stock teacher pipeline::
+    under ``scheduler/``, for the stock teacher pipeline, and a model card whose snippet loads the
+    teacher (``base_model``; default: the directory the teacher was loaded from)::
 
         pipe.scheduler = <SchedulerClass>.from_pretrained(dir, subfolder="scheduler")
         pipe.load_lora_weights(dir)
     """
     from peft.utils import get_peft_model_state_dict
 
-    from ..export import _check_output_dir, _replace_directory
+    from ..export import _write_directory
     from .common import has_lora
 
     if not has_lora(network):
         raise StepdistillError("save_student_lora: this student has no LoRA (student.lora_rank is 0)")
-    out = Path(output_dir).absolute()
-    _check_output_dir(out, overwrite)
+    model_card_info = _with_base_model(teacher, model_card_info)
     pipeline_cls = type(teacher.build_pipeline(network, scheduler))
     layers = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(network).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import shutil
-    import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    def build(tmp: Path) -> None:
         # unet_lora_layers (SD / SDXL) or transformer_lora_layers (Flux, SD3)
         pipeline_cls.save_lora_weights(tmp, **{f"{denoiser_name(teacher)}_lora_layers": layers}, safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
-        _replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return _write_directory(output_dir, overwrite, build, num_inference_steps=num_steps,
+                            guidance_scale=_pipeline_guidance(teacher, guidance_scale), base_pipeline=pipeline_cls.__name__,
+                            model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
+
+
+def _with_base_model(teacher, model_card_info):
+    """The card fields with ``base_model`` defaulting to the path the teacher was loaded from, as
+    it was given (diffusers records it as the denoiser's ``_name_or_path``; empty for a teacher
+    built in memory)."""
+    from ..model_card import ModelCardInfo
+
+    info = ModelCardInfo.coerce(model_card_info)
+    loaded_from = getattr(teacher.denoiser.config, "_name_or_path", None)
+    return info if info.base_model or not loaded_from else dataclasses.replace(info, base_model=loaded_from)
+
+
+def _pipeline_guidance(teacher, guidance_scale: float) -> float:
+    """The ``guidance_scale`` the family's stock pipeline is called with: FluxPipeline's is FLUX.1-dev's
+    embedded guidance, which the student was trained with; the others' is the student's own w."""
+    if teacher.family == "flux":
+        return teacher.embedded_guidance_scale if teacher.uses_embedded_guidance else 1.0
+    return guidance_scale
 
 
 __all__ = [

@@ -3,64 +3,51 @@
 NFE counts the denoiser's forward passes per generated image, measured with a forward hook:
 batched classifier-free guidance (cond + uncond in one call) counts as 2 evaluations per image.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the timed calls minus the
-memory allocated before them ("cuda_max_allocated"); on CPU, the peak resident set size during
-the timed calls minus the RSS before them, sampled every 2 ms from ``/proc/self/statm``
-("cpu_rss_delta") -- where that file is missing, the rise of ``ru_maxrss`` ("cpu_max_rss_delta",
-zero when an earlier peak of the process was higher).
+Peak memory (MiB), what a user needs to run the model, never a difference that rounds to 0:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` over the timed calls (peak stats reset before
+  them), weights included ("cuda_max_allocated");
+- CPU: the process's peak resident set size (``VmHWM`` of ``/proc/self/status``) over the timed
+  calls, after resetting the high-water mark to the current RSS (``echo 5 > /proc/self/clear_refs``,
+  Linux >= 4.0) ("cpu_peak_rss"); where that cannot be reset, the peak RSS since the process
+  started (``ru_maxrss``, "cpu_peak_rss_since_start"). Either includes everything the process
+  holds (every loaded model, the reference features).
 """
 
 from __future__ import annotations
 
-import os
 import statistics
-import threading
+import sys
 import time
 from typing import Callable
 
 import torch
 from torch import nn
 
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
-
-def _rss_bytes() -> int | None:
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark of this process to its current RSS (Linux)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: ``VmHWM`` (Linux), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
     except (OSError, ValueError, IndexError):
-        return None
-
-
-def _max_rss_bytes() -> int:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-
-
-class _RssSampler:
-    """Samples the process's RSS in a background thread while in its ``with`` block."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.baseline = _rss_bytes()
-        self.peak = self.baseline
-        self._stop = threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes() or 0)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "_RssSampler":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes() or 0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes elsewhere
 
 
 class _ForwardCounter:
@@ -93,46 +80,35 @@ def measure_latency(
 ) -> dict:
     """Time ``generate()`` (which makes one fixed batch and returns its size) after one warm-up call.
 
-    Returns ``{"nfe", "ms_per_image", "images_per_second", "peak_memory_mb", "peak_memory_kind",
+    Returns ``{"nfe", "ms_per_image", "images_per_second", "peak_memory_mib", "peak_memory_kind",
     "latency_batch_size", "latency_repeats"}``; timings are the median of ``repeats`` calls.
     """
     device = torch.device(device)
     generate()  # warm-up: lazy initialisation, allocator growth, kernel selection
     counter = _ForwardCounter(denoiser)
     durations, batch = [], 0
+    if device.type == "cuda":
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        kind = "cuda_max_allocated"
+    else:
+        kind = "cpu_peak_rss" if _reset_peak_rss() else "cpu_peak_rss_since_start"
     try:
-        if device.type == "cuda":
+        for _ in range(repeats):
             _synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        sampler = _RssSampler() if device.type != "cuda" and _rss_bytes() is not None else None
-        max_rss_before = _max_rss_bytes() if device.type != "cuda" and sampler is None else None
-        if sampler is not None:
-            sampler.__enter__()
-        try:
-            for _ in range(repeats):
-                _synchronize(device)
-                began = time.perf_counter()
-                batch = generate()
-                _synchronize(device)
-                durations.append(time.perf_counter() - began)
-        finally:
-            if sampler is not None:
-                sampler.__exit__(None, None, None)
+            began = time.perf_counter()
+            batch = generate()
+            _synchronize(device)
+            durations.append(time.perf_counter() - began)
     finally:
         counter.close()
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device) - before, "cuda_max_allocated"
-    elif sampler is not None:
-        peak, kind = sampler.peak - sampler.baseline, "cpu_rss_delta"
-    else:
-        peak, kind = _max_rss_bytes() - max_rss_before, "cpu_max_rss_delta"
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     seconds = statistics.median(durations)
     return {
         "nfe": counter.rows / (batch * repeats) if denoiser is not None and batch else None,
         "ms_per_image": 1000.0 * seconds / batch,
         "images_per_second": batch / seconds if seconds > 0 else None,
-        "peak_memory_mb": max(peak, 0) / 2**20,
+        "peak_memory_mib": peak / 2**20,
         "peak_memory_kind": kind,
         "latency_batch_size": batch,
         "latency_repeats": repeats,

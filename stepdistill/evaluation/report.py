@@ -14,25 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..images import save_image_grid
-
-# (key in a row, column title, digits after the point); "↓"/"↑": lower/higher is better.
-COLUMNS = [
-    ("model", "model", None),
-    ("steps", "steps", None),
-    ("guidance_scale", "guidance", 2),
-    ("gamma", "TCD gamma", 2),
-    ("nfe", "NFE", 0),
-    ("fd", "FD ↓", 2),
-    ("kid", "KID ↓", 4),
-    ("precision", "precision ↑", 3),
-    ("recall", "recall ↑", 3),
-    ("diversity", "diversity ↑", 3),
-    ("accuracy", "class accuracy ↑", 3),
-    ("clip_score", "CLIP score ↑", 2),
-    ("ms_per_image", "ms/image", 2),
-    ("images_per_second", "images/s", 1),
-    ("peak_memory_mb", "peak memory (MB)", 1),
-]
+from ..model_card import metric_notes, metrics_table
 
 PLOTTED = [
     ("fd", "FD (lower is better)"),
@@ -46,35 +28,18 @@ PLOTTED = [
 ]
 
 
-def _cell(value, digits) -> str:
-    if value is None:
-        return "–"
-    if digits is None or isinstance(value, str):
-        return str(value).replace("|", "\\|")
-    return f"{value:.{digits}f}"
-
-
 def format_table(results: dict) -> str:
-    """The rows of an evaluation as a markdown table (columns that are empty everywhere are left out)."""
-    rows = results["rows"]
-    columns = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in rows)]
-    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(key), digits) for key, _, digits in columns) + " |")
+    """The rows of an evaluation as a markdown table whose columns say their units (columns that
+    are empty everywhere are left out), the noise floor as a last row where there is one."""
     floor = results.get("noise_floor")
-    if floor:
-        cells = ["real images (noise floor)"] + ["–"] * (len(columns) - 1)
-        fd_column = [key for key, _, _ in columns].index("fd")
-        cells[fd_column] = f"{floor['fd']:.2f} ± {floor['fd_std']:.2f}"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    footer = {"model": "real images (noise floor)", "fd": f"{floor['fd']:.2f} ± {floor['fd_std']:.2f}"} if floor else None
+    return metrics_table(results["rows"], footer)
 
 
 def markdown_report(results: dict) -> str:
     rows = results["rows"]
-    memory_kind = rows[0].get("peak_memory_kind") if rows else None
     conditions = results["conditions"]
-    reference = results["reference"].get("name") or "none (no real images: no FD / KID / precision / recall)"
+    reference = results["reference"].get("name")
     models = ", ".join(f"`{p['name']}` ({p['path']}, {p['kind']}, {p['scheduler']})" for p in results["pipelines"])
     lines = [
         "# Evaluation",
@@ -82,14 +47,17 @@ def markdown_report(results: dict) -> str:
         f"Models: {models}.",
         "",
         f"{conditions['num_samples']} samples per row ({conditions['kind']}, {conditions['num_conditions']} conditions), "
-        f"seed {results['seed']}; features: {results['feature']}; reference: {reference}. "
-        f"Precision/recall: k = {results['pr_k']} nearest neighbours. Diversity: mean pairwise feature distance "
-        f"between samples of the same condition. Guidance: {results['guidance_convention']}. "
+        f"seed {results['seed']}; features: {results['feature']}; "
+        f"reference: {reference or 'none (no real images: no FD / KID / precision / recall)'}. "
+        f"Precision/recall: k = {results['pr_k']} nearest neighbours. KID: {results['kid_subsets']} subsets. "
+        f"Guidance: {results['guidance_convention']}. "
         f"Latency: median of {rows[0]['latency_repeats'] if rows else '?'} calls at batch "
         f"{rows[0]['latency_batch_size'] if rows else '?'} after one warm-up call on {results['device']} "
-        f"({results['torch_threads']} threads); NFE = denoiser evaluations per image; peak memory: {memory_kind}.",
+        f"({results['torch_threads']} threads); NFE = denoiser evaluations per image.",
         "",
         format_table(results),
+        "",
+        *[f"- {note}" for note in metric_notes(rows, reference=reference, feature=results["feature"])],
         "",
     ]
     real_diversity = results["reference"].get("per_condition_diversity")

@@ -179,7 +179,7 @@ def run_evaluation(
     latency_batch_size: int = 16,
     latency_repeats: int = 3,
     noise_floor: bool = True,
-    update_model_cards: bool = True,
+    update_model_cards: bool = False,
     command: str | None = None,
     device: str | None = None,
     progress: bool = True,
@@ -194,7 +194,9 @@ def run_evaluation(
     "digits", ...), any ``nn.Module``, or "auto" = Inception when ``inception_weights`` is
     given, else random-conv.
     ``noise_floor`` (benchmark pipelines): also report the benchmark's noise floor at this N.
-    ``update_model_cards``: write each model's rows into its README.md, if it has one.
+    ``update_model_cards``: also write each model's rows into the model card (README.md) of its
+    directory, where it has one -- never into a directory inside an installed package (those are
+    listed under ``model_cards_left_alone``). Without it the input directories are not touched.
     """
     from tqdm.auto import tqdm
 
@@ -277,28 +279,25 @@ def run_evaluation(
     }
     results["outputs"] = write_outputs(results, grid, Path(output_dir))
     if update_model_cards:
-        results["model_cards"] = _update_model_cards(models, rows, command)
+        results["model_cards"], results["model_cards_left_alone"] = _update_model_cards(models, rows, command, results)
     return results
 
 
-CARD_COLUMNS = {
-    "steps": "steps", "guidance_scale": "guidance", "gamma": "TCD gamma", "nfe": "NFE", "fd": "FD",
-    "kid": "KID", "precision": "precision", "recall": "recall", "diversity": "diversity",
-    "accuracy": "class accuracy", "clip_score": "CLIP score", "ms_per_image": "ms/image",
-}
+def _update_model_cards(models: list[EvalPipeline], rows: list[dict], command: str | None, results: dict) -> tuple[list[str], list[str]]:
+    """Put each model's rows into the metrics table of its README.md (exported directories only;
+    never one inside an installed package). Returns (cards updated, why others were left alone)."""
+    from ..model_card import CARD_NAME, inside_installed_package, portable_path, update_model_card_metrics
 
-
-def _update_model_cards(models: list[EvalPipeline], rows: list[dict], command: str | None) -> list[str]:
-    """Put each model's rows into the metrics table of its README.md (exported directories only)."""
-    from ..model_card import CARD_NAME, update_model_card_metrics
-
-    updated = []
+    updated, left_alone = [], []
     for model in models:
         if not os.path.isfile(os.path.join(model.path, CARD_NAME)):
+            left_alone.append(f"{model.path}: no {CARD_NAME}")
             continue
-        table = [
-            {label: row[key] for key, label in CARD_COLUMNS.items() if row.get(key) is not None}
-            for row in rows if row["model"] == model.name
-        ]
-        updated.append(str(update_model_card_metrics(model.path, table, command)))
-    return updated
+        package = inside_installed_package(model.path)
+        if package is not None:
+            left_alone.append(f"{model.path}: inside the installed package at {package}")
+            continue
+        table = [{k: v for k, v in row.items() if k != "model"} for row in rows if row["model"] == model.name]
+        reference = portable_path(results["reference"].get("name"))
+        updated.append(str(update_model_card_metrics(model.path, table, command, reference=reference, feature=results["feature"])))
+    return updated, left_alone

@@ -30,6 +30,7 @@ from ..config import EMAConfig, OptimizerConfig, TrainingConfig, check_override_
 from ..errors import RecipeError, StepdistillError
 from ..evaluation.benchmarks import EvaluationSection
 from ..export import export_info, save_class_conditional_pipeline, save_unconditional_pipeline
+from ..model_card import portable_path
 from .checkpoint import RUN_FILE, load_trained_model
 from .denoising import DenoisingMethod, DenoisingSection
 from .trainer import Trainer
@@ -200,8 +201,8 @@ def train_teacher(
         metrics = None
         if final:
             metrics = {"model": "teacher (EMA)", "steps": recipe.denoising.eval_inference_steps, "guidance_scale": 1.0,
-                       "samples": recipe.training.num_eval_samples, **{k.removeprefix("eval/"): v for k, v in final.items()}}
-        command = f"stepdistill train-teacher {os.fspath(recipe_path)} (evaluation at the last step)" if metrics else None
+                       "num_samples": recipe.training.num_eval_samples, **{k.removeprefix("eval/"): v for k, v in final.items()}}
+        command = f"stepdistill train-teacher {portable_path(recipe_path)} (evaluation at the last step)" if metrics else None
         common = dict(num_inference_steps=50, metrics=metrics, metrics_command=command, model_card_info=card, overwrite=True)
         if dataset.kind == "class":
             save_class_conditional_pipeline(ema_unet, scheduler, pipeline_dir, **common)
