@@ -39,6 +39,7 @@ class EvaluationSection:
     benchmark: Optional[str] = None  # a registered benchmark ("digits"); None: the data's own, else FD against `reference`
     feature: str = "auto"  # feature space of FD: auto / inception / random-conv / a registered name
     reference: Optional[str] = None  # real images for FD; None: data.images
+    heldout: Optional[str] = None  # other real images: the noise floor is FD of N of them (None: N drawn from the reference)
     inception_weights: Optional[str] = None  # local torch-fidelity Inception weights (feature inception)
     report: bool = True  # the end-of-run table: student next to the teacher, N = report_samples
     report_samples: int = 2000
@@ -116,16 +117,25 @@ class DataBenchmark:
         return make_evaluator(self.reference())
 
     def noise_floor(self, num_samples: int, seed: int = 0, draws: int = 3) -> dict:
-        """FD of ``num_samples`` reference images drawn with replacement against all of them:
-        what a perfect generator scores at this N (optimistic: the draw repeats images)."""
+        """What a perfect generator scores at this N: FD of the first ``num_samples`` held-out real
+        images (``evaluation.heldout``) against the reference, or, without held-out images, of
+        ``num_samples`` reference images drawn with replacement (optimistic: the draw repeats images)."""
+        from ..data import open_images
         from .distribution import fid_from_features
+        from .features import extract_features
 
         features = self.reference().features
+        if self.settings.heldout:
+            heldout = open_images(self.settings.heldout, channels=self.dataset.channels, resolution=(self.dataset.height, self.dataset.width))
+            if len(heldout) < num_samples:
+                raise StepdistillError(f"evaluation.heldout has {len(heldout)} images; the noise floor at N = {num_samples} needs as many")
+            fd = fid_from_features(features, extract_features(heldout.images(list(range(num_samples))), self.feature))
+            return {"fd": fd, "fd_std": 0.0, "num_samples": num_samples, "draws": [fd], "source": heldout.summary()}
         g = torch.Generator().manual_seed(seed)
         values = [fid_from_features(features, features[torch.randint(0, len(features), (num_samples,), generator=g)]) for _ in range(draws)]
         mean = sum(values) / len(values)
         std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
-        return {"fd": mean, "fd_std": std, "num_samples": num_samples, "draws": values}
+        return {"fd": mean, "fd_std": std, "num_samples": num_samples, "draws": values, "source": "reference images drawn with replacement"}
 
     def report(self, student_dir, method, output_dir, progress: bool = True) -> str:
         """The student's row next to the teacher's (DDIM, trailing spacing for VP teachers) at N = report_samples."""
@@ -177,7 +187,10 @@ def format_report(results: dict) -> str:
     for row in results["rows"]:
         lines.append(f"| {row['model']} | {row['steps']} | {row['fd']:.3f} | {row['kid']:.4f} | {row['precision']:.3f} "
                      f"| {row['recall']:.3f} | {row['images_per_second']:.0f} |")
-    lines.append(f"| real images (noise floor) | – | {floor['fd']:.3f} ± {floor['fd_std']:.3f} | – | – | – | – |")
+    spread = f" ± {floor['fd_std']:.3f}" if len(floor["draws"]) > 1 else ""
+    lines.append(f"| real images (noise floor) | – | {floor['fd']:.3f}{spread} | – | – | – | – |")
+    lines.append("")
+    lines.append(f"Noise floor: {floor['source']}. Teacher rows: the teacher sampled like the student (DDIM with trailing spacing for VP teachers: one-step students start at t = T - 1).")
     return "\n".join(lines)
 
 
