@@ -34,14 +34,17 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     from .distillers.run import distill, load_recipe_teacher, open_run_data
 
     if args.make_pairs:
-        from .distillers.distribution_matching import make_ode_pairs
         from .distillers.registry import load_distill_recipe
 
         recipe = load_distill_recipe(args.recipe, set_items=args.set)
-        if recipe.method not in ("dmd", "dmd2"):
-            raise StepdistillError(f"--make-pairs is for DMD recipes; {args.recipe} is a {recipe.method} recipe")
+        if recipe.method in ("dmd", "dmd2"):
+            from .distillers.distribution_matching import make_ode_pairs as make_pairs
+        elif recipe.method == "reflow":
+            from .distillers.reflow import make_recipe_pairs as make_pairs
+        else:
+            raise StepdistillError(f"--make-pairs is for DMD and reflow recipes; {args.recipe} is a {recipe.method} recipe")
         teacher = load_recipe_teacher(recipe)
-        path = make_ode_pairs(recipe, teacher, open_run_data(teacher, recipe).pool, args.make_pairs)
+        path = make_pairs(recipe, teacher, open_run_data(teacher, recipe).pool, args.make_pairs)
         print(f"teacher ODE pairs written to {path}")
         return
     out = distill(args.recipe, args.output_dir, set_items=args.set, resume=args.resume, overwrite=args.overwrite)
@@ -220,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
     p.add_argument("--make-pairs", type=int, default=0, metavar="N",
-                   help="instead of training: cache N teacher ODE pairs for DMD's regression loss (dmd.regression_pairs)")
+                   help="instead of training: cache N teacher ODE pairs (noise, sample) for DMD's regression loss (dmd.regression_pairs) "
+                   "or reflow's couplings (reflow.pairs)")
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("curve", help="plot FD against training minutes from distillation runs' curve.jsonl",

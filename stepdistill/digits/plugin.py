@@ -82,18 +82,25 @@ class DigitsBenchmark:
     def report(self, student_dir, method, output_dir, progress: bool = True) -> str:
         """``bench digits`` of the student at its step count, next to the shipped teacher's rows at
         ``evaluation.teacher_steps`` without guidance and at the teacher guidance the run used."""
+        return self.report_students([("student", student_dir, method)], output_dir, progress=progress)
+
+    def report_students(self, students, output_dir, progress: bool = True) -> str:
+        """The same table with a row for each ``(name, pipeline_dir, method)`` (a staged run's
+        stages), each at its own step count, above the teacher's rows."""
         from pathlib import Path
 
         from .bench import default_teacher_dir, format_comparison, run_bench
 
         s = self.settings
         out = Path(output_dir)
-        guidance = sorted({1.0, float(method.recipe.teacher.guidance_scale)})
-        teacher = run_bench(default_teacher_dir(), out / "teacher", num_samples=s.report_samples, steps=tuple(s.teacher_steps),
-                            guidance_scales=tuple(guidance), progress=progress)
-        student = run_bench(student_dir, out / "student", num_samples=s.report_samples, steps=(method.num_steps,),
-                            guidance_scales=(method.export_guidance_scale,), progress=progress)
-        table = format_comparison({"student": student, "teacher": teacher})
+        results = {}
+        for name, student_dir, method in students:
+            results[name] = run_bench(student_dir, out / name, num_samples=s.report_samples, steps=(method.num_steps,),
+                                      guidance_scales=(method.export_guidance_scale,), progress=progress)
+        guidance = sorted({1.0, *(float(m.recipe.teacher.guidance_scale) for _, _, m in students)})
+        results["teacher"] = run_bench(default_teacher_dir(), out / "teacher", num_samples=s.report_samples, steps=tuple(s.teacher_steps),
+                                       guidance_scales=tuple(guidance), progress=progress)
+        table = format_comparison(results)
         (out / "report.md").write_text(table + "\n")
         return table
 
