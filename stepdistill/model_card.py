@@ -26,6 +26,8 @@ from .errors import StepdistillError
 CARD_NAME = "README.md"
 METRICS_START = "<!-- stepdistill:metrics:start -->"
 METRICS_END = "<!-- stepdistill:metrics:end -->"
+# the code file a custom pipeline directory ships (loaded with trust_remote_code)
+PIPELINE_CODE = {"ClassConditionalPipeline": "class_conditional_pipeline.py", "HybridClassConditionalPipeline": "hybrid_class_conditional_pipeline.py"}
 
 # Metrics are one row per measured configuration, e.g.
 #   {"model": "student", "steps": 1, "guidance_scale": 1.0, "FD": 3.1, "accuracy": 0.94}
@@ -70,7 +72,7 @@ class ModelCardInfo:
 class PipelineUsage:
     """How the exported directory is called: decides the snippet and the pipeline tag."""
 
-    pipeline_class: str  # "ClassConditionalPipeline" or "DDIMPipeline"
+    pipeline_class: str  # "ClassConditionalPipeline", "HybridClassConditionalPipeline", "DDIMPipeline", ...
     num_inference_steps: int
     guidance_scale: float = 1.0
     num_classes: int | None = None
@@ -173,7 +175,7 @@ def _description(usage: PipelineUsage, info: ModelCardInfo) -> list[str]:
             "",
             f"Class labels are integers in `[0, {usage.num_classes})`; classifier-free guidance uses "
             "`uncond + guidance_scale * (cond - uncond)`, so `guidance_scale=1` means no guidance. "
-            "The pipeline code ships in this directory (`class_conditional_pipeline.py`), hence "
+            f"The pipeline code ships in this directory (`{PIPELINE_CODE.get(usage.pipeline_class, 'class_conditional_pipeline.py')}`), hence "
             "`trust_remote_code=True`; calls without `num_inference_steps` / `guidance_scale` use "
             f"{usage.num_inference_steps} / {usage.guidance_scale:g}.",
         ]

@@ -106,7 +106,8 @@ class DigitsBenchmark:
 
     # -- stepdistill eval ------------------------------------------------------------------------
     def load(self, path, device="cpu"):
-        """The pipeline when ``path`` is in the digits format (1 x 8 x 8, 10 classes + null), else None."""
+        """The pipeline when ``path`` is in the digits format (1 x 8 x 8, 10 classes + null; a
+        student, a teacher or a hybrid of both), else None."""
         import json
         import os
 
@@ -121,7 +122,7 @@ class DigitsBenchmark:
             return None
         name = name[-1] if isinstance(name, (list, tuple)) else name
         size = unet.get("sample_size")
-        if name != "ClassConditionalPipeline" or unet.get("num_class_embeds") != NUM_CLASSES + 1 or unet.get("in_channels") != 1 \
+        if name not in ("ClassConditionalPipeline", "HybridClassConditionalPipeline") or unet.get("num_class_embeds") != NUM_CLASSES + 1 or unet.get("in_channels") != 1 \
                 or size not in (IMAGE_SIZE, [IMAGE_SIZE, IMAGE_SIZE]):
             return None
         return load_pipeline(path, device=device)
