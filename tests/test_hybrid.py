@@ -96,6 +96,13 @@ def test_a_one_step_student_gets_one_teacher_step_more_and_the_digits_benchmark_
     images = benchmark.generate(pipe, torch.arange(20) % 10, 2, 1.0, batch_size=8)
     assert images.shape == (20, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
     assert "hybrid_class_conditional_pipeline.py" in (out / "README.md").read_text()
+    from stepdistill.evaluation.generation import load_eval_pipeline
+    from stepdistill.evaluation.latency import measure_latency
+
+    model = load_eval_pipeline(out)  # NFE counts both networks: the teacher's step and the student's
+    assert len(model.denoisers) == 2
+    latency = measure_latency(lambda: model.pipe([0, 1], output_type="pt").images.shape[0], model.denoisers, repeats=1)
+    assert latency["nfe"] == 2
 
 
 def test_bad_input_is_one_line(dirs, tmp_path, capsys):

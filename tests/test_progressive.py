@@ -208,10 +208,15 @@ def test_resume_continues_the_first_unfinished_stage_and_export_rebuilds_every_s
         assert (run / name / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
 
     rebuilt = export_run_dir(root / "run", tmp_path / "export")
+    single = export_run_dir(root / "run" / "stage_02", tmp_path / "stage_02_only")  # one stage's directory
     for name in ("stage_04", "stage_02", "stage_01"):
         ours = load_file(root / "run" / name / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
         theirs = load_file(rebuilt / name / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    alone = load_file(single / "unet" / "diffusion_pytorch_model.safetensors")
+    ours = load_file(root / "run" / "stage_02" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(ours[k], alone[k]) for k in ours)
+    assert json.loads((single / "model_index.json").read_text())["default_num_inference_steps"] == 2
 
 
 # -- tiny SD 1.5 / SDXL / Flux ------------------------------------------------------------------

@@ -187,3 +187,37 @@ def test_class_conditional_pipeline_samples_a_flow_matching_unet(tmp_path):
     images = pipe([1, 2, 3], latents=noise, guidance_scale=2.0, output_type="pt").images
     ours = euler_flow_sample(teacher, teacher.encode([1, 2, 3]), noise, FlowMatchEulerDiscreteScheduler(), 4, guidance_scale=2.0)
     assert (images - (ours / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
+
+
+def test_reflow_of_a_tiny_flux_teacher_exports_a_one_step_flux_pipeline(tmp_path):
+    """Flux (text-conditioned, dynamic shift): couplings by FluxPipeline's own Euler schedule, both
+    stages, and a 1-step FluxPipeline that makes the in-memory student's latents."""
+    from diffusers import FluxPipeline
+
+    from stepdistill.teachers.flux import pack_latents, unpack_latents
+    from tiny_pipelines import tiny_flux_pipeline
+
+    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
+    overrides = {"teacher": {"path": str(tmp_path / "flux"), "height": 32, "width": 32}, "data": {"prompts": ["a cat", "a dog"]},
+                 "reflow": {"num_pairs": 4, "pair_steps": 4, "num_steps": 2, "distill_pair_steps": 2, "stage_max_steps": [2, 2],
+                            "straightness_samples": 2, "straightness_steps": 4},
+                 "training": {"batch_size": 2, "checkpoint_every": 2}, "optimizers": {"student": {"lr": 1e-3}}}
+    out = distill({"method": "reflow"}, tmp_path / "run", overrides=overrides, progress=False)
+    teacher = load_teacher(tmp_path / "flux")
+    shape = tuple(teacher.sample_shape(32, 32))
+    pairs = load_ode_pairs(tmp_path / "run" / "teacher_pairs.safetensors")
+    stock = FluxPipeline.from_pretrained(tmp_path / "flux")
+    stock.set_progress_bar_config(disable=True)
+    z = pairs["noise"][:1]
+    y = stock("a cat", latents=pack_latents(z), num_inference_steps=4, height=32, width=32, output_type="latent").images
+    assert (unpack_latents(y, *shape[1:]) - pairs["sample"][:1]).abs().max() < 1e-4  # a coupling = the stock pipeline's ODE sample
+    assert json.loads((tmp_path / "run" / "straightness.json").read_text())["steps"] == 4
+
+    method = ReflowDistillation(teacher, from_dict(ReflowRecipe, {"method": "reflow", **overrides}), None)
+    stage = method.build_stage(1, None)
+    network = load_role_weights(latest_checkpoint(tmp_path / "run" / "one_step"), "student", stage.student, ema=True)
+    ours = stage.sample(network, z, teacher.encode(["a cat"]))
+    pipe = FluxPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a cat", latents=pack_latents(z), num_inference_steps=1, height=32, width=32, output_type="latent").images
+    assert (unpack_latents(theirs, *shape[1:]) - ours).abs().max() < 1e-4

@@ -160,9 +160,9 @@ class ProgressiveStage(Distiller):
         return roles
 
     # -- pieces -------------------------------------------------------------------------------
-    def x0_eps(self, network, x_t, t, cond, prediction_type: str, guidance_scale: float = 1.0):
-        """(x̂, ε̂) of ``network`` (the teacher's adapter running it) at (x_t, t)."""
-        raw = with_network(self.teacher, network).guided_output(x_t, t, cond, guidance_scale)
+    def x0_eps(self, network, x_t, t, cond, prediction_type: str):
+        """(x̂, ε̂) of ``network`` (the teacher's adapter running it, no CFG: students have it baked in) at (x_t, t)."""
+        raw = with_network(self.teacher, network).guided_output(x_t, t, cond, 1.0)
         return self.schedule.to_x0_eps(raw.float(), x_t.float(), t, prediction_type)
 
     @torch.no_grad()

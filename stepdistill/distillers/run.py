@@ -153,13 +153,17 @@ def export_run_dir(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
                    checkpoint: str | os.PathLike | None = None) -> Path:
     """Rebuild a distillation run's student from a checkpoint (default: the latest) and export it
     exactly as the run does at its end. A staged run: every stage's student from its stage's
-    latest checkpoint, to ``output_dir/<stage>/<artefact>``."""
+    latest checkpoint, to ``output_dir/<stage>/<artefact>``; one stage's directory: that stage."""
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     recipe = load_distill_recipe(info["recipe"])
     teacher = load_recipe_teacher(recipe, info.get("cwd"))
     method = build_method(teacher, recipe, None)
     card = lambda m: model_card(m, info.get("recipe_path"))  # noqa: E731
+    if isinstance(method, StagedDistillation) and "stage_index" in info:  # one stage's directory
+        stage = method.build_stage(int(info["stage_index"]), None)
+        network = _checkpoint_network(stage, run_dir, checkpoint, ema)
+        return export_student(stage, network, output_dir, card=card(stage), overwrite=overwrite)
     if isinstance(method, StagedDistillation):
         if checkpoint is not None:
             raise StepdistillError(f"{run_dir} is a staged run ({', '.join(method.stage_names)}): export takes each stage's latest checkpoint")
@@ -284,7 +288,7 @@ def _distill_stages(staged: StagedDistillation, recipe_path, output_dir: Path, *
         set_seed(recipe.training.seed + index)  # what a stage draws while it is built does not depend on the stages before it
         method = staged.build_stage(index, previous)
         stage_dir = output_dir / name
-        info = {**_run_info(method.recipe, recipe_path), "stage": name, "stage_index": index}
+        info = {**_run_info(recipe, recipe_path), "stage": name, "stage_index": index}  # the whole recipe: `export` of a stage directory rebuilds it
         trainer = Trainer(method, staged.stage_training(index), stage_dir, resume=resume, run_info=info, evaluators=evaluators, progress=progress)
         if state.is_main_process and progress:
             print(f"stage {index + 1}/{len(staged.stage_names)} {name}: {method.num_steps}-step student", flush=True)
