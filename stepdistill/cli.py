@@ -5,6 +5,7 @@
     stepdistill train-classifier --output outputs/digits_classifier.safetensors
     stepdistill bench digits [PIPELINE_DIR]
     stepdistill export RUN_DIR OUTPUT_DIR
+    stepdistill hybrid STUDENT_DIR OUTPUT_DIR --teacher digits --teacher-steps 1
     stepdistill curve RUN_DIR [RUN_DIR ...] --output curve.png
     stepdistill sample PIPELINE_DIR --output grid.png
     stepdistill data shapes OUTPUT_DIR [--num-images N] [--seed S]
@@ -34,18 +35,30 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     from .distillers.run import distill, load_recipe_teacher, open_run_data
 
     if args.make_pairs:
-        from .distillers.distribution_matching import make_ode_pairs
         from .distillers.registry import load_distill_recipe
 
         recipe = load_distill_recipe(args.recipe, set_items=args.set)
-        if recipe.method not in ("dmd", "dmd2"):
-            raise StepdistillError(f"--make-pairs is for DMD recipes; {args.recipe} is a {recipe.method} recipe")
+        if recipe.method in ("dmd", "dmd2"):
+            from .distillers.distribution_matching import make_ode_pairs as make_pairs
+        elif recipe.method == "reflow":
+            from .distillers.reflow import make_recipe_pairs as make_pairs
+        else:
+            raise StepdistillError(f"--make-pairs is for DMD and reflow recipes; {args.recipe} is a {recipe.method} recipe")
         teacher = load_recipe_teacher(recipe)
-        path = make_ode_pairs(recipe, teacher, open_run_data(teacher, recipe).pool, args.make_pairs)
+        path = make_pairs(recipe, teacher, open_run_data(teacher, recipe).pool, args.make_pairs)
         print(f"teacher ODE pairs written to {path}")
         return
     out = distill(args.recipe, args.output_dir, set_items=args.set, resume=args.resume, overwrite=args.overwrite)
     print(f"student written to {out}")
+
+
+def _cmd_hybrid(args: argparse.Namespace) -> None:
+    from .hybrid import save_hybrid_pipeline
+
+    out = save_hybrid_pipeline(args.student_dir, args.teacher, args.output_dir, teacher_steps=args.teacher_steps,
+                               teacher_guidance_scale=args.teacher_guidance_scale, num_inference_steps=args.num_inference_steps,
+                               overwrite=args.overwrite)
+    print(f"hybrid pipeline written to {out}")
 
 
 def _cmd_curve(args: argparse.Namespace) -> None:
@@ -222,8 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
     p.add_argument("--make-pairs", type=int, default=0, metavar="N",
-                   help="instead of training: cache N teacher ODE pairs for DMD's regression loss (dmd.regression_pairs)")
+                   help="instead of training: cache N teacher ODE pairs (noise, sample) for DMD's regression loss (dmd.regression_pairs) "
+                   "or reflow's couplings (reflow.pairs)")
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("hybrid", help="one pipeline directory running the teacher for the first k steps and the student for the rest",
+                       description="Hybrid inference (Gandikota & Bau 2025, 'Distilling Diversity'): write a HybridClassConditionalPipeline "
+                       "that carries the student and the teacher network; the first --teacher-steps steps of the student's scheduler "
+                       "run the teacher (restoring the diversity few-step students lose), the rest the student. Class-conditional "
+                       "pixel pipelines (digits); latent teachers: see docs/step_halving.md.")
+    p.add_argument("student_dir", help="the student's ClassConditionalPipeline directory")
+    p.add_argument("output_dir", help="where to write the hybrid pipeline directory")
+    p.add_argument("--teacher", required=True, help="the teacher's pipeline directory, or a registered teacher name (digits)")
+    p.add_argument("--teacher-steps", type=int, default=1, help="steps run by the teacher (default 1)")
+    p.add_argument("--teacher-guidance-scale", type=float, default=1.0, help="the teacher's CFG, uncond + w (cond - uncond); 1 = none")
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                   help="total steps (default: the student's, or teacher steps + the student's when it has no more)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_cmd_hybrid)
 
     p = sub.add_parser("curve", help="plot FD against training minutes from distillation runs' curve.jsonl",
                        description="Plot a metric of the periodic evaluation (curve.jsonl) against wall-clock minutes, "

@@ -48,7 +48,7 @@ CARD_NAME = "README.md"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 METRICS_START = "<!-- stepdistill:metrics:start -->"
 METRICS_END = "<!-- stepdistill:metrics:end -->"
-OUR_PIPELINES = {"ClassConditionalPipeline": "class-conditional"}  # pipeline code shipped in the directory
+OUR_PIPELINES = {"ClassConditionalPipeline": "class-conditional", "HybridClassConditionalPipeline": "class-conditional"}  # pipeline code shipped in the directory
 # The Hub's pipeline tags (its task list) have no class-conditional task: class-conditional
 # models (DiT on the Hub too) are filed under unconditional-image-generation and tagged.
 PIPELINE_TAGS = {"text-to-image": "text-to-image", "class-conditional": "unconditional-image-generation",

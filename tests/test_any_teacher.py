@@ -166,11 +166,11 @@ def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(user_files, tmp_pat
     for i in range(3):
         (unreadable / f"{i}.png").write_text("not an image")
     grey = write_images(tmp_path / "grey", 4, mode="L")
-    flow = tmp_path / "flow_teacher"
+    ve = tmp_path / "ve_teacher"
     import shutil
 
-    shutil.copytree(teacher, flow)
-    (flow / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
+    shutil.copytree(teacher, ve)
+    (ve / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "ScoreSdeVeScheduler"}))  # variance-exploding
     dmd2 = str(ROOT / "configs" / "pixel_dmd2.yaml")
     cases = {
         "empty folder": ([dmd2, "--set", f"teacher.path={teacher}", "--set", f"data.images={empty}"], "holds no"),
@@ -178,7 +178,7 @@ def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(user_files, tmp_pat
         "channel count": ([dmd2, "--set", f"teacher.path={teacher}", "--set", f"data.images={grey}"], "1 channel"),
         "unknown --set key": ([dmd2, "--set", f"teacher.path={teacher}", "--set", "training.max_step=3"], "did you mean 'max_steps'"),
         "wrong --set type": ([dmd2, "--set", f"teacher.path={teacher}", "--set", "training.max_steps=many"], "'training.max_steps' expects int"),
-        "scheduler": ([dmd2, "--set", f"teacher.path={flow}"], "FlowMatchEulerDiscreteScheduler is not supported"),
+        "scheduler": ([dmd2, "--set", f"teacher.path={ve}"], "ScoreSdeVeScheduler is not supported"),
         "GAN without data": ([dmd2, "--set", f"teacher.path={teacher}", "--set", "dmd.gan=true"], "dmd.gan is true but the recipe names no real data"),
         "no teacher": ([dmd2], "teacher.path is required"),
     }

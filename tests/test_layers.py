@@ -17,7 +17,7 @@ LAYERS = [
     ("distillers", {"distillers"}),
     ("training", {"training"}),
     ("evaluation", {"evaluation", "metrics", "images"}),
-    ("export and pipelines", {"export", "model_card", "pipelines", "attention", "planning", "sampling"}),
+    ("export and pipelines", {"export", "model_card", "pipelines", "hybrid", "attention", "planning", "sampling"}),
     ("teachers", {"teachers"}),
     ("data", {"data"}),
     ("foundations", {"schedule", "config", "errors", "plugins"}),

@@ -82,24 +82,32 @@ class DigitsBenchmark:
     def report(self, student_dir, method, output_dir, progress: bool = True) -> str:
         """``bench digits`` of the student at its step count, next to the shipped teacher's rows at
         ``evaluation.teacher_steps`` without guidance and at the teacher guidance the run used."""
+        return self.report_students([("student", student_dir, method)], output_dir, progress=progress)
+
+    def report_students(self, students, output_dir, progress: bool = True) -> str:
+        """The same table with a row for each ``(name, pipeline_dir, method)`` (a staged run's
+        stages), each at its own step count, above the teacher's rows."""
         from pathlib import Path
 
         from .bench import default_teacher_dir, format_comparison, run_bench
 
         s = self.settings
         out = Path(output_dir)
-        guidance = sorted({1.0, float(method.recipe.teacher.guidance_scale)})
-        teacher = run_bench(default_teacher_dir(), out / "teacher", num_samples=s.report_samples, steps=tuple(s.teacher_steps),
-                            guidance_scales=tuple(guidance), progress=progress)
-        student = run_bench(student_dir, out / "student", num_samples=s.report_samples, steps=(method.num_steps,),
-                            guidance_scales=(method.export_guidance_scale,), progress=progress)
-        table = format_comparison({"student": student, "teacher": teacher})
+        results = {}
+        for name, student_dir, method in students:
+            results[name] = run_bench(student_dir, out / name, num_samples=s.report_samples, steps=(method.num_steps,),
+                                      guidance_scales=(method.export_guidance_scale,), progress=progress)
+        guidance = sorted({1.0, *(float(m.recipe.teacher.guidance_scale) for _, _, m in students)})
+        results["teacher"] = run_bench(default_teacher_dir(), out / "teacher", num_samples=s.report_samples, steps=tuple(s.teacher_steps),
+                                       guidance_scales=tuple(guidance), progress=progress)
+        table = format_comparison(results)
         (out / "report.md").write_text(table + "\n")
         return table
 
     # -- stepdistill eval ------------------------------------------------------------------------
     def load(self, path, device="cpu"):
-        """The pipeline when ``path`` is in the digits format (1 x 8 x 8, 10 classes + null), else None."""
+        """The pipeline when ``path`` is in the digits format (1 x 8 x 8, 10 classes + null; a
+        student, a teacher or a hybrid of both), else None."""
         import json
         import os
 
@@ -114,7 +122,7 @@ class DigitsBenchmark:
             return None
         name = name[-1] if isinstance(name, (list, tuple)) else name
         size = unet.get("sample_size")
-        if name != "ClassConditionalPipeline" or unet.get("num_class_embeds") != NUM_CLASSES + 1 or unet.get("in_channels") != 1 \
+        if name not in ("ClassConditionalPipeline", "HybridClassConditionalPipeline") or unet.get("num_class_embeds") != NUM_CLASSES + 1 or unet.get("in_channels") != 1 \
                 or size not in (IMAGE_SIZE, [IMAGE_SIZE, IMAGE_SIZE]):
             return None
         return load_pipeline(path, device=device)

@@ -132,4 +132,37 @@ class Distiller(TrainingMethod):
         return has_lora(self.student)
 
 
-__all__ = ["Distiller", "RunData"]
+class StagedDistillation:
+    """A recipe that trains several students one after another: progressive distillation's
+    halvings (64 -> 32 -> ... -> 1 steps), reflow and then its one-step distillation.
+
+    Each stage is a :class:`Distiller` trained by its own Trainer in ``run_dir/<stage name>/``
+    (checkpoints, curve, samples, resume) and exported there as its own artefact
+    (``run_dir/<stage name>/pipeline``); stage i + 1 is built from the network stage i exported
+    (:meth:`build_stage`). ``stepdistill distill`` runs them in order (``--resume`` continues the
+    first unfinished stage) and the end-of-run table has a row for every stage's student.
+    """
+
+    stage_names: list[str]
+
+    def __init__(self, teacher, recipe: DistillRecipe, data: RunData | None):
+        self.teacher = teacher
+        self.recipe = recipe
+        self.data = data
+        self.run_dir = None  # the run directory, set by the run driver before the first stage is built
+
+    def build_stage(self, index: int, previous: nn.Module | None) -> Distiller:
+        """Stage ``index`` (its recipe's ``student.num_steps`` is the stage's own step count),
+        starting from ``previous``: the network stage ``index - 1`` exported (None for the
+        first stage, and when a finished run is rebuilt from its checkpoints for export)."""
+        raise NotImplementedError
+
+    def stage_training(self, index: int):
+        """The TrainingConfig of stage ``index`` (default: the recipe's ``training`` section)."""
+        return self.recipe.training
+
+    def after_stage(self, index: int, method: Distiller, network: nn.Module, stage_dir) -> None:
+        """Called on the main process after stage ``index`` is trained and exported (measurements)."""
+
+
+__all__ = ["Distiller", "RunData", "StagedDistillation"]

@@ -51,8 +51,10 @@ from ..config import OptimizerConfig
 from ..errors import RecipeError
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
+from . import ode_pairs
 from .common import add_lora, check_finite
 from .fake_score import build_fake_score, discriminator_for, discriminator_loss, generator_gan_loss
+from .ode_pairs import load_ode_pairs
 from .recipe import DistillRecipe, lora_targets
 from .student import StudentSampler, denoiser_name, with_network
 
@@ -304,41 +306,19 @@ class DistributionMatchingMethod(Distiller):
 def load_regression_pairs(recipe: DMDRecipe) -> Mapping[str, torch.Tensor] | None:
     if recipe.dmd.regression_weight <= 0 or not recipe.dmd.regression_pairs:
         return None
-    from safetensors.torch import load_file
-
-    if not os.path.isfile(recipe.dmd.regression_pairs):
-        raise RecipeError(f"dmd.regression_pairs not found: {recipe.dmd.regression_pairs} (make them with --make-pairs N)")
-    return load_file(recipe.dmd.regression_pairs)
+    return load_ode_pairs(recipe.dmd.regression_pairs, "dmd.regression_pairs")
 
 
-@torch.no_grad()
 def make_ode_pairs(recipe: DMDRecipe, teacher, pool, num_pairs: int, output: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """DMD's regression data: noise z and the teacher's ``pair_steps``-step deterministic sample from
-    z (with the teacher's CFG), cached as safetensors {noise, sample, condition_index}."""
-    from safetensors.torch import save_file
-
-    from ..sampling import ddim_sample, euler_flow_sample
-
+    """DMD's regression data (:func:`.ode_pairs.make_ode_pairs`): noise z and the teacher's
+    ``dmd.pair_steps``-step deterministic sample from z with the teacher's CFG, written to
+    ``dmd.regression_pairs``."""
     output = output or recipe.dmd.regression_pairs
     if not output:
         raise RecipeError("dmd.regression_pairs names no file to write the pairs to")
     shape = teacher.sample_shape(recipe.teacher.height, recipe.teacher.width)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num_pairs, *shape, generator=g)
-    idx = torch.arange(num_pairs) % len(pool)
-    samples = []
-    for start in range(0, num_pairs, 256):
-        sl = slice(start, start + 256)
-        scheduler = copy.deepcopy(teacher.scheduler)
-        if teacher.schedule.kind == "vp":
-            y = ddim_sample(teacher, pool.index(idx[sl]), noise[sl], scheduler, recipe.dmd.pair_steps, recipe.teacher.guidance_scale)
-        else:
-            kwargs = teacher.sampler_kwargs(shape, recipe.dmd.pair_steps) if hasattr(teacher, "sampler_kwargs") else {}
-            y = euler_flow_sample(teacher, pool.index(idx[sl]), noise[sl], scheduler, recipe.dmd.pair_steps, recipe.teacher.guidance_scale, **kwargs)
-        samples.append(y.float())
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"noise": noise.contiguous(), "sample": torch.cat(samples).contiguous(), "condition_index": idx.contiguous()}, os.fspath(output))
-    return Path(output)
+    return ode_pairs.make_ode_pairs(teacher, pool, num_pairs, output, steps=recipe.dmd.pair_steps,
+                                    guidance_scale=recipe.teacher.guidance_scale, shape=shape, seed=seed)
 
 
 def build(teacher, recipe: DMDRecipe, data: RunData | None) -> DistributionMatchingMethod:

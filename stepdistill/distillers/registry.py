@@ -42,6 +42,10 @@ register_method("dmd", _DM, "DMDRecipe", "build", "DMD: distribution matching + 
 register_method("dmd2", _DM, "DMDRecipe", "build", "DMD2: distribution matching, TTUR, GAN head, backward simulation")
 register_method("lcm", _CM, "ConsistencyRecipe", "build", "LCM / LCM-LoRA: latent consistency distillation")
 register_method("pcm", _CM, "ConsistencyRecipe", "build", "PCM: phased consistency distillation")
+register_method("progressive", "stepdistill.distillers.progressive", "ProgressiveRecipe", "build",
+                "progressive distillation: halve the step count stage after stage (64 -> 32 -> ... -> 1)")
+register_method("reflow", "stepdistill.distillers.reflow", "ReflowRecipe", "build",
+                "reflow / InstaFlow: straighten the teacher's ODE on its couplings, then distil it to one step")
 
 
 def method_entry(name: Any) -> MethodEntry:

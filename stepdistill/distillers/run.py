@@ -11,6 +11,10 @@ holds ``run.json`` (the validated recipe, the working directory it ran in), chec
 - ``report/``: the end-of-run table -- the student's row next to the teacher's -- from the
   benchmark the recipe's data belongs to (digits), else FD against the recipe's real images.
 
+A staged method (:class:`~.base.StagedDistillation`: progressive distillation, reflow) trains
+one student per stage, each with its own Trainer in ``RUN_DIR/<stage>/`` (checkpoints, curve,
+resume) exported to ``RUN_DIR/<stage>/pipeline``; the report has a row for every stage.
+
 :func:`export_run_dir` (``stepdistill export RUN_DIR OUT``) rebuilds the same artefact from any
 checkpoint of a run.
 """
@@ -28,7 +32,7 @@ import torch
 from ..config import to_dict
 from ..errors import RecipeError, StepdistillError
 from ..model_card import portable_path
-from .base import Distiller, RunData
+from .base import Distiller, RunData, StagedDistillation
 from .common import has_lora, merge_lora
 from .recipe import DistillRecipe
 from .registry import load_distill_recipe, method_entry
@@ -159,20 +163,38 @@ def export_student(method: Distiller, network: torch.nn.Module, output: str | os
 def export_run_dir(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, ema: bool = True, overwrite: bool = False,
                    checkpoint: str | os.PathLike | None = None) -> Path:
     """Rebuild a distillation run's student from a checkpoint (default: the latest) and export it
-    exactly as the run does at its end."""
-    from ..training.checkpoint import latest_checkpoint, load_role_weights
-
+    exactly as the run does at its end. A staged run: every stage's student from its stage's
+    latest checkpoint, to ``output_dir/<stage>/<artefact>``; one stage's directory: that stage."""
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     recipe = load_distill_recipe(info["recipe"])
     teacher = load_recipe_teacher(recipe, info.get("cwd"))
     method = build_method(teacher, recipe, None)
+    card = lambda m: model_card(m, info.get("recipe_path"))  # noqa: E731
+    if isinstance(method, StagedDistillation) and "stage_index" in info:  # one stage's directory
+        stage = method.build_stage(int(info["stage_index"]), None)
+        network = _checkpoint_network(stage, run_dir, checkpoint, ema)
+        return export_student(stage, network, output_dir, card=card(stage), overwrite=overwrite)
+    if isinstance(method, StagedDistillation):
+        if checkpoint is not None:
+            raise StepdistillError(f"{run_dir} is a staged run ({', '.join(method.stage_names)}): export takes each stage's latest checkpoint")
+        out = Path(output_dir)
+        for index, name in enumerate(method.stage_names):
+            stage = method.build_stage(index, None)
+            network = _checkpoint_network(stage, run_dir / name, None, ema)
+            export_student(stage, network, artefact_dir(stage, out / name), card=card(stage), overwrite=overwrite)
+        return out
+    network = _checkpoint_network(method, run_dir, checkpoint, ema)
+    return export_student(method, network, output_dir, card=card(method), overwrite=overwrite)
+
+
+def _checkpoint_network(method: Distiller, run_dir: Path, checkpoint, ema: bool) -> torch.nn.Module:
+    from ..training.checkpoint import latest_checkpoint, load_role_weights
+
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
         raise StepdistillError(f"no complete checkpoint in {run_dir}")
-    use_ema = ema and method.export_from_ema
-    network = load_role_weights(path, "student", method.student, ema=use_ema)
-    return export_student(method, network, output_dir, card=model_card(method, info.get("recipe_path")), overwrite=overwrite)
+    return load_role_weights(path, "student", method.student, ema=ema and method.export_from_ema)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -219,27 +241,103 @@ def distill(
     method = build_method(teacher, recipe, data)
     benchmark = run_benchmark(teacher, recipe) if (evaluate or report is not False) else None
     evaluators = [benchmark.evaluator()] if (evaluate and benchmark is not None) else []
+    do_report = (recipe.evaluation.report if report is None else report) and benchmark is not None
+    if isinstance(method, StagedDistillation):
+        return _distill_stages(method, recipe_path, output_dir, resume=resume, overwrite=overwrite, progress=progress,
+                               evaluators=evaluators, benchmark=benchmark if do_report else None, data=data)
     trainer = Trainer(method, recipe.training, output_dir, resume=resume, overwrite=overwrite,
                       run_info=_run_info(recipe, recipe_path), evaluators=evaluators, progress=progress)
     if trainer.accelerator.is_main_process and progress:
         print(f"stepdistill distill: {recipe.method} student of {recipe.teacher.path} ({teacher.family}); {describe_data(data)}", flush=True)
+    out = _train_and_export(method, trainer, output_dir, recipe_path)
+    if trainer.accelerator.is_main_process and do_report and out.name == "pipeline":
+        print(benchmark.report(out, method, output_dir / "report", progress=progress))
+    trainer.finish()
+    return out
+
+
+def _train_and_export(method: Distiller, trainer, output_dir: Path, recipe_path) -> Path:
+    """Train (from wherever the trainer resumed) and export the student to its artefact directory.
+    A finished stage met again on ``--resume`` keeps the artefact it already exported."""
+    recipe = method.recipe
+    finished_before = trainer.start_step >= trainer.config.max_steps
     began = time.perf_counter()
     final = trainer.train()
     minutes = (time.perf_counter() - began) / 60
     out = artefact_dir(method, output_dir)
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and not (finished_before and out.is_dir()):
         metrics = None
         if final:
             metrics = {"model": f"{recipe.method.upper()} student", "steps": method.num_steps, "guidance_scale": method.export_guidance_scale,
-                       "num_samples": recipe.training.num_eval_samples, **{k.removeprefix("eval/"): v for k, v in final.items()}}
+                       "num_samples": trainer.config.num_eval_samples, **{k.removeprefix("eval/"): v for k, v in final.items()}}
         command = "stepdistill distill " + (portable_path(recipe_path) if not isinstance(recipe_path, Mapping) else "RECIPE")
         export_student(method, method.sampling_network(trainer), out, card=model_card(method, recipe_path), metrics=metrics,
                        metrics_command=f"{command} (evaluation at the last step)" if metrics else None)
         (output_dir / "train_minutes.txt").write_text(f"{minutes:.2f}\n")
-        if (recipe.evaluation.report if report is None else report) and benchmark is not None and out.name == "pipeline":
-            print(benchmark.report(out, method, output_dir / "report", progress=progress))
-    trainer.finish()
+    trainer.accelerator.wait_for_everyone()
     return out
+
+
+def _distill_stages(staged: StagedDistillation, recipe_path, output_dir: Path, *, resume: bool, overwrite: bool, progress: bool,
+                    evaluators, benchmark, data: RunData) -> Path:
+    """Train every stage in order, each with its own Trainer in ``output_dir/<stage>``; a stage
+    starts from the network the previous stage exported. Returns the last stage's artefact."""
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    from ..training.trainer import Trainer
+
+    recipe = staged.recipe
+    state = PartialState()
+    _claim_staged_dir(output_dir, resume, overwrite, _run_info(recipe, recipe_path), state)
+    staged.run_dir = output_dir
+    if state.is_main_process and progress:
+        print(f"stepdistill distill: {recipe.method} of {recipe.teacher.path} ({staged.teacher.family}) in {len(staged.stage_names)} stages "
+              f"({', '.join(staged.stage_names)}); {describe_data(data)}", flush=True)
+    previous, students, trainer = None, [], None
+    for index, name in enumerate(staged.stage_names):
+        set_seed(recipe.training.seed + index)  # what a stage draws while it is built does not depend on the stages before it
+        method = staged.build_stage(index, previous)
+        stage_dir = output_dir / name
+        info = {**_run_info(recipe, recipe_path), "stage": name, "stage_index": index}  # the whole recipe: `export` of a stage directory rebuilds it
+        trainer = Trainer(method, staged.stage_training(index), stage_dir, resume=resume, run_info=info, evaluators=evaluators, progress=progress)
+        if state.is_main_process and progress:
+            print(f"stage {index + 1}/{len(staged.stage_names)} {name}: {method.num_steps}-step student", flush=True)
+        out = _train_and_export(method, trainer, stage_dir, recipe_path)
+        network = method.sampling_network(trainer)
+        if state.is_main_process:
+            staged.after_stage(index, method, network, stage_dir)
+        state.wait_for_everyone()
+        previous = method.export_network(network).eval().requires_grad_(False)
+        students.append((name, out, method))
+        if index < len(staged.stage_names) - 1:
+            del trainer
+    if state.is_main_process and benchmark is not None and all(out.name == "pipeline" for _, out, _ in students):
+        print(benchmark.report_students(students, output_dir / "report", progress=progress))
+    trainer.finish()
+    return students[-1][1]
+
+
+def _claim_staged_dir(output_dir: Path, resume: bool, overwrite: bool, info: dict, state) -> None:
+    """The run directory of a staged run: refused when it holds something unless resuming or
+    overwriting (as the Trainer guards its own); ``run.json`` at the top names the recipe."""
+    from ..errors import OutputDirError
+
+    holds_something = output_dir.exists() and any(output_dir.iterdir())
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"output directory {output_dir} exists and is not a directory")
+    if holds_something and not (resume or overwrite):
+        what = "a run" if (output_dir / "run.json").exists() else "other files"
+        raise OutputDirError(f"output directory {output_dir} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if overwrite and not resume and output_dir.exists():
+            import shutil
+
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    state.wait_for_everyone()
 
 
 __all__ = ["check_resume", "distill", "export_run_dir", "export_student", "load_recipe_teacher", "open_run_data"]

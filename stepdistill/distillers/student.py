@@ -107,6 +107,34 @@ class StudentSampler:
                 f"({type(self.scheduler).__name__}.set_timesteps({self.num_steps})); remove them or fix them"
             )
 
+    def step_levels(self, schedule, num_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What each step of the ``num_steps``-step loop does: (the timestep it feeds the network,
+        alpha and sigma of the sample it writes). ``DDIMScheduler.step`` writes at the timestep
+        ``num_train_timesteps // K`` below (past 0: its final alpha, 1 with ``set_alpha_to_one``);
+        ``FlowMatchEulerDiscreteScheduler.step`` at the next sigma of its list (the last is 0).
+        Every step reads its (x0, eps) at its own timestep, as both schedulers do."""
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+        from ..sampling import ddim_prev_timestep
+
+        steps = num_steps or self.num_steps
+        probe = copy.deepcopy(self.scheduler)
+        probe.set_timesteps(steps, device="cpu", **self.timestep_kwargs(steps))
+        labels = probe.timesteps.clone()
+        if isinstance(probe, FlowMatchEulerDiscreteScheduler):
+            sigma = probe.sigmas[1 : steps + 1].float()
+            return labels, 1.0 - sigma, sigma
+        if isinstance(probe, DDIMScheduler):
+            prev = torch.tensor([ddim_prev_timestep(probe, int(t)) for t in labels])
+            alpha_bar = torch.where(prev >= 0, schedule.alpha_bar(prev.clamp(min=0)), torch.tensor(float(probe.final_alpha_cumprod), dtype=torch.float64))
+            return labels, alpha_bar.sqrt().float(), (1 - alpha_bar).sqrt().float()
+        raise StepdistillError(f"{type(probe).__name__}: step levels are defined for DDIMScheduler and FlowMatchEulerDiscreteScheduler students")
+
+    def start_level(self, schedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha and sigma the loop treats its starting noise as (the first timestep's)."""
+        alpha, sigma = schedule.alpha_sigma(self.timesteps[:1])
+        return alpha.reshape(()).float(), sigma.reshape(()).float()
+
     @torch.no_grad()
     def rollout(self, adapter, noise: torch.Tensor, cond, num_steps: int, *, total_steps: int | None = None,
                 guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:

@@ -139,6 +139,10 @@ class DataBenchmark:
 
     def report(self, student_dir, method, output_dir, progress: bool = True) -> str:
         """The student's row next to the teacher's (DDIM, trailing spacing for VP teachers) at N = report_samples."""
+        return self.report_students([("student", student_dir, method)], output_dir, progress=progress)
+
+    def report_students(self, students, output_dir, progress: bool = True) -> str:
+        """The same table with a row for each ``(name, pipeline_dir, method)`` (a staged run's stages)."""
         from tqdm.auto import tqdm
 
         from ..export import make_student_scheduler
@@ -148,11 +152,11 @@ class DataBenchmark:
 
         n = self.settings.report_samples
         teacher = load_eval_pipeline(self.teacher_path, "teacher")
-        student = load_eval_pipeline(student_dir, "student")
-        if teacher.kind != "unconditional" or student.kind != "unconditional":
+        loaded = [(load_eval_pipeline(student_dir, name), method.num_steps) for name, student_dir, method in students]
+        if teacher.kind != "unconditional" or any(model.kind != "unconditional" for model, _ in loaded):
             raise StepdistillError("the data benchmark's table is for unconditional pixel pipelines; evaluate others with `stepdistill eval`")
         conditions = unconditional(n)
-        configs = [(teacher, s) for s in self.settings.teacher_steps] + [(student, method.num_steps)]
+        configs = [(teacher, s) for s in self.settings.teacher_steps] + loaded
         rows = []
         began = time.perf_counter()
         for model, steps in tqdm(configs, desc="report", unit="config", disable=not progress):
@@ -166,7 +170,7 @@ class DataBenchmark:
         results = {
             "reference": self.reference().info, "feature": self.feature_name, "num_samples": n,
             "noise_floor": self.noise_floor(n), "rows": rows, "wall_seconds": time.perf_counter() - began,
-            "teacher": os.fspath(self.teacher_path), "student": os.fspath(student_dir),
+            "teacher": os.fspath(self.teacher_path), "students": {name: os.fspath(path) for name, path, _ in students},
         }
         table = format_report(results)
         out = Path(output_dir)

@@ -60,6 +60,11 @@ class EvalPipeline:
         return getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
 
     @property
+    def denoisers(self) -> list:
+        """Every denoising network the pipeline calls (a hybrid pipeline: the student and the teacher)."""
+        return [m for m in (getattr(self.pipe, name, None) for name in ("unet", "transformer", "teacher_unet")) if m is not None]
+
+    @property
     def has_gamma(self) -> bool:
         """TCD's gamma (passed to the pipeline as ``eta``) exists only for TCDScheduler."""
         return type(getattr(self.pipe, "scheduler", None)).__name__ == "TCDScheduler"

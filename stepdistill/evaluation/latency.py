@@ -1,7 +1,8 @@
 """Latency at a fixed batch: NFE, ms per image, images/s and peak memory, warm-up excluded.
 
-NFE counts the denoiser's forward passes per generated image, measured with a forward hook:
-batched classifier-free guidance (cond + uncond in one call) counts as 2 evaluations per image.
+NFE counts the denoisers' forward passes per generated image, measured with forward hooks:
+batched classifier-free guidance (cond + uncond in one call) counts as 2 evaluations per image;
+a pipeline with several denoising networks (a hybrid of teacher and student) counts them all.
 
 Peak memory (MiB), what a user needs to run the model, never a difference that rounds to 0:
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -51,11 +52,11 @@ def peak_rss_bytes() -> int:
 
 
 class _ForwardCounter:
-    """Counts the rows (samples) a module processes, through a forward hook."""
+    """Counts the rows (samples) some modules process, through forward hooks."""
 
-    def __init__(self, module: nn.Module | None):
+    def __init__(self, modules: Sequence[nn.Module]):
         self.rows = 0
-        self._handle = module.register_forward_hook(self._hook, with_kwargs=True) if module is not None else None
+        self._handles = [module.register_forward_hook(self._hook, with_kwargs=True) for module in modules]
 
     def _hook(self, module, args, kwargs, output) -> None:
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
@@ -63,8 +64,8 @@ class _ForwardCounter:
             self.rows += int(sample.shape[0])
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -74,7 +75,7 @@ def _synchronize(device: torch.device) -> None:
 
 def measure_latency(
     generate: Callable[[], int],
-    denoiser: nn.Module | None,
+    denoiser: nn.Module | Sequence[nn.Module] | None,
     device: torch.device | str = "cpu",
     repeats: int = 3,
 ) -> dict:
@@ -85,7 +86,8 @@ def measure_latency(
     """
     device = torch.device(device)
     generate()  # warm-up: lazy initialisation, allocator growth, kernel selection
-    counter = _ForwardCounter(denoiser)
+    modules = [] if denoiser is None else [denoiser] if isinstance(denoiser, nn.Module) else list(denoiser)
+    counter = _ForwardCounter(modules)
     durations, batch = [], 0
     if device.type == "cuda":
         _synchronize(device)
@@ -105,7 +107,7 @@ def measure_latency(
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     seconds = statistics.median(durations)
     return {
-        "nfe": counter.rows / (batch * repeats) if denoiser is not None and batch else None,
+        "nfe": counter.rows / (batch * repeats) if modules and batch else None,
         "ms_per_image": 1000.0 * seconds / batch,
         "images_per_second": batch / seconds if seconds > 0 else None,
         "peak_memory_mib": peak / 2**20,

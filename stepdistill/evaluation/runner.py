@@ -242,7 +242,7 @@ def run_evaluation(
         latency = measure_latency(
             lambda: generate_images(model, latency_conditions, num_steps, guidance, gamma, seed=seed,
                                     batch_size=len(latency_conditions)).shape[0],
-            model.denoiser, device=device, repeats=latency_repeats,
+            model.denoisers, device=device, repeats=latency_repeats,
         )
         rows.append({"model": model.name, "steps": num_steps, "guidance_scale": guidance, "gamma": gamma,
                      "num_samples": len(conditions), **scores, **latency})

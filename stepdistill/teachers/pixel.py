@@ -6,6 +6,11 @@ Two kinds of directory load here:
   ``UNet2DModel`` with ``num_class_embeds = num_classes + 1``; the last class index is the
   *null class* used for classifier-free guidance (trained with label dropout).
 - a stock unconditional ``DDPMPipeline`` / ``DDIMPipeline`` directory saved by anyone.
+
+The scheduler decides the noise schedule: a VP (DDPM-type) schedule with ``beta_schedule``, or
+``FlowMatchEulerDiscreteScheduler`` for a flow-matching pixel teacher (x_t = (1 - sigma) x0 +
+sigma eps, the network predicts the velocity eps - x0 at timestep sigma * T; a ``DDPMPipeline``
+samples it as it is, since that pipeline only calls ``scheduler.step``).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class PixelUNetTeacher(Teacher):
             index = json.load(f)
         class_name = index.get("_class_name")
         class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name
-        scheduler = load_vp_scheduler(path)
+        scheduler = load_pixel_scheduler(path)
         try:
             unet = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype).eval()
         except (OSError, ValueError, EnvironmentError) as exc:
@@ -84,10 +89,11 @@ class PixelUNetTeacher(Teacher):
         return (self.unet.config.in_channels, height or size[0], width or size[1])
 
 
-def load_vp_scheduler(path: str):
-    """The scheduler of a pixel pipeline directory, if it has a VP (DDPM-type) noise schedule:
-    DDPM, DDIM, PNDM, DPM-Solver, Euler ... configs with ``beta_schedule``. Variance-exploding
-    (score SDE / Karras VE) and flow-matching schedulers are refused with a one-line error."""
+def load_pixel_scheduler(path: str):
+    """The scheduler of a pixel pipeline directory, if its noise schedule is one stepdistill
+    distils: VP (DDPM-type: DDPM, DDIM, PNDM, DPM-Solver, Euler ... configs with ``beta_schedule``)
+    or flow matching (``FlowMatchEulerDiscreteScheduler``). Variance-exploding (score SDE /
+    Karras VE) and other flow schedulers are refused with a one-line error."""
     import diffusers
 
     config_path = os.path.join(path, "scheduler", "scheduler_config.json")
@@ -99,10 +105,13 @@ def load_vp_scheduler(path: str):
     scheduler_cls = getattr(diffusers, str(name), None)
     if scheduler_cls is None:
         raise TeacherLoadError(f"{config_path}: unknown scheduler class {name!r}")
-    if "beta_schedule" not in config or "FlowMatch" in str(name) or config.get("prediction_type", "epsilon") not in VP_PREDICTIONS:
+    flow = name == "FlowMatchEulerDiscreteScheduler"
+    vp = "beta_schedule" in config and "FlowMatch" not in str(name) and config.get("prediction_type", "epsilon") in VP_PREDICTIONS
+    if not (flow or vp):
         raise TeacherLoadError(
             f"{path}: scheduler {name} is not supported for pixel teachers: stepdistill distils VP (DDPM-type) noise "
-            f"schedules with beta_schedule and prediction_type in {', '.join(VP_PREDICTIONS)} (DDPM, DDIM, PNDM, DPM-Solver, Euler ...)"
+            f"schedules with beta_schedule and prediction_type in {', '.join(VP_PREDICTIONS)} (DDPM, DDIM, PNDM, DPM-Solver, Euler ...) "
+            "and flow matching with FlowMatchEulerDiscreteScheduler"
         )
     return scheduler_cls.from_config(config)
 
@@ -110,4 +119,4 @@ def load_vp_scheduler(path: str):
 VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
-__all__ = ["PixelUNetTeacher", "load_vp_scheduler"]
+__all__ = ["PixelUNetTeacher", "load_pixel_scheduler"]

@@ -14,7 +14,8 @@
 #   no CFG. `trained_guidance_range` (model_index.json) is the range of w it was trained on: a
 #   guidance_scale outside it warns.
 # - the scheduler's `prediction_type` says what the network predicts; any diffusers scheduler
-#   with `set_timesteps` / `step` works (DDIM, DDPM, LCM, TCD, Euler, ...).
+#   with `set_timesteps` / `step` works (DDIM, DDPM, LCM, TCD, Euler, ...), flow-matching ones
+#   (FlowMatchEulerDiscreteScheduler: the network predicts the velocity) included.
 # - `default_num_inference_steps` / `default_guidance_scale` (stored in model_index.json) are
 #   what a call without those arguments uses: a 2-step student samples 2 steps by default.
 
@@ -105,7 +106,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
-        latents = latents.to(self._execution_device) * self.scheduler.init_noise_sigma
+        latents = latents.to(self._execution_device) * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at sigma 1
 
         timestep_cond = None
         cond_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
@@ -136,7 +137,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             step_kwargs["generator"] = generator
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents, latents]) if guided else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
+            if hasattr(self.scheduler, "scale_model_input"):  # flow schedulers feed the sample as it is
+                model_in = self.scheduler.scale_model_input(model_in, t)
             t_batch = t.expand(model_in.shape[0]) if torch.is_tensor(t) else torch.full((model_in.shape[0],), t)
             extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond}
             out = self.unet(model_in, t_batch.to(model_in.device), class_labels=model_labels, **extra).sample
