@@ -22,7 +22,6 @@ from pathlib import Path
 
 from .errors import StepdistillError
 from .export import _diffusers_version, _pipeline_source, _write_directory
-from .model_card import PipelineUsage
 
 HYBRID_PIPELINE_FILE = "hybrid_class_conditional_pipeline.py"
 
@@ -96,8 +95,6 @@ def save_hybrid_pipeline(
     if teacher_steps < 0 or num_inference_steps < 1 or teacher_steps > num_inference_steps:
         raise StepdistillError(f"teacher_steps must lie in [0, num_inference_steps={num_inference_steps}]; got {teacher_steps}")
     guidance = float(student.config.default_guidance_scale)
-    usage = PipelineUsage(pipeline_class="HybridClassConditionalPipeline", num_inference_steps=int(num_inference_steps),
-                          guidance_scale=guidance, num_classes=student.unet.config.num_class_embeds - 1)
     card = {
         "title": f"Hybrid sampler: teacher for {teacher_steps} of {num_inference_steps} steps, then the student",
         "description": (f"The first {teacher_steps} step(s) run the teacher (`{os.fspath(teacher_dir)}`, guidance {teacher_guidance_scale:g}), "
@@ -127,7 +124,8 @@ def save_hybrid_pipeline(
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    return _write_directory(output_dir, overwrite, build, usage, card, None, None)
+    return _write_directory(output_dir, overwrite, build, num_inference_steps=int(num_inference_steps),
+                            guidance_scale=guidance, model_card_info=card)
 
 
 __all__ = ["HYBRID_PIPELINE_FILE", "save_hybrid_pipeline"]

@@ -95,7 +95,8 @@ def test_a_one_step_student_gets_one_teacher_step_more_and_the_digits_benchmark_
     assert type(pipe).__name__ == "HybridClassConditionalPipeline"
     images = benchmark.generate(pipe, torch.arange(20) % 10, 2, 1.0, batch_size=8)
     assert images.shape == (20, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
-    assert "hybrid_class_conditional_pipeline.py" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert (out / "hybrid_class_conditional_pipeline.py").is_file() and 'from_pretrained("hybrid", trust_remote_code=True)' in card
     from stepdistill.evaluation.generation import load_eval_pipeline
     from stepdistill.evaluation.latency import measure_latency
 

@@ -130,7 +130,7 @@ def model_card(method: Distiller, recipe_path) -> dict[str, Any]:
         "title": f"stepdistill {recipe.method.upper()} student ({method.num_steps} step{'s' if method.num_steps > 1 else ''})",
         "base_model": recipe.teacher.path,
         "method": method.description,
-        "recipe": None if isinstance(recipe_path, Mapping) else os.fspath(recipe_path),
+        "recipe": None if recipe_path is None or isinstance(recipe_path, Mapping) else os.fspath(recipe_path),
         "license": "other",
         "tags": ["distillation", recipe.method, "few-step"],
         "timesteps": None if sampler is None else [float(t) for t in sampler.timesteps],
