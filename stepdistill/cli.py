@@ -12,6 +12,8 @@
 
 Every subcommand imports its heavy modules lazily, so ``--help`` is instant. Bad input
 (:class:`~stepdistill.errors.StepdistillError`) is printed as one line and exits with status 2.
+SIGTERM or Ctrl-C during training writes a checkpoint at the next step boundary and exits with
+128 + the signal number (143 / 130) and one line; ``--resume`` continues the run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import argparse
 import os
 import sys
 
-from .errors import StepdistillError
+from .errors import StepdistillError, TrainingInterrupted
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> None:
@@ -338,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except TrainingInterrupted as exc:  # SIGTERM / Ctrl-C: checkpoint written, resumable
+        print(f"stepdistill {args.command}: stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except StepdistillError as exc:
         print(f"stepdistill {args.command}: error: {exc}", file=sys.stderr)
         return 2
