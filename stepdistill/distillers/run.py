@@ -27,6 +27,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import RecipeError, StepdistillError
+from ..export import remove_partial_exports
 from .base import Distiller, RunData
 from .common import has_lora, merge_lora
 from .recipe import DistillRecipe
@@ -227,6 +228,7 @@ def _distill(recipe: DistillRecipe, recipe_path, output_dir: Path, *, resume: bo
     minutes = (time.perf_counter() - began) / 60
     out = artefact_dir(method, output_dir)
     if trainer.accelerator.is_main_process:
+        remove_partial_exports(output_dir)  # a previous attempt killed mid-export
         metrics = None
         if final:
             metrics = {"model": f"{recipe.method.upper()} student", "steps": method.num_steps, "guidance_scale": method.export_guidance_scale,

@@ -497,24 +497,47 @@ class Trainer:
         acc = self.accelerator
         metrics: dict[str, float] = {}
         if acc.is_main_process:
-            generator = torch.Generator().manual_seed(seed_for(self.config.seed, "eval"))
-            with torch.no_grad():
-                samples = self.method.generate_samples(self, self.config.num_eval_samples, generator)
-            if samples is not None:
-                images, labels = samples
-                nrow = 10 if labels is not None else None
-                save_image_grid(images[:100], self.output_dir / "samples" / f"step_{step:08d}.png", nrow=nrow)
-                for evaluator in self.evaluators:
-                    metrics.update({f"eval/{k}": float(v) for k, v in evaluator(images, labels).items()})
-                if metrics:
-                    acc.log(metrics, step=step)
-                    tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                    row = {"step": step, "minutes": (time.perf_counter() - self._began) / 60, **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
-                    with open(self.output_dir / CURVE_FILE, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+            with global_rngs_restored():  # whatever the evaluators draw, the run's RNG states do not depend on evaluations
+                metrics = self._evaluate(step)
         acc.wait_for_everyone()
         self.last_metrics = metrics
         return metrics
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        generator = torch.Generator().manual_seed(seed_for(self.config.seed, "eval"))
+        with torch.no_grad():
+            samples = self.method.generate_samples(self, self.config.num_eval_samples, generator)
+        if samples is None:
+            return metrics
+        images, labels = samples
+        nrow = 10 if labels is not None else None
+        save_image_grid(images[:100], self.output_dir / "samples" / f"step_{step:08d}.png", nrow=nrow)
+        for evaluator in self.evaluators:
+            metrics.update({f"eval/{k}": float(v) for k, v in evaluator(images, labels).items()})
+        if metrics:
+            self.accelerator.log(metrics, step=step)
+            tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            row = {"step": step, "minutes": (time.perf_counter() - self._began) / 60, **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
+            with open(self.output_dir / CURVE_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return metrics
+
+
+@contextlib.contextmanager
+def global_rngs_restored():
+    """Run the body, then put torch's (CPU and CUDA), numpy's and Python's global RNG states back."""
+    import random
+
+    import numpy as np
+
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
 
 
 def lr_lambda(o: OptimizerConfig, max_steps: int) -> Callable[[int], float]:
