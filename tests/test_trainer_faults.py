@@ -8,6 +8,8 @@ on even steps, with an EMA):
   a one-line error, its last checkpoint intact;
 - SIGINT (Ctrl-C) / SIGTERM: the step finishes, a checkpoint is written at its boundary, the run
   stops resumable to the same bits; a second Ctrl-C stops at once;
+- on two processes, a NaN loss or a SIGTERM on one process alone: both skip the same step and
+  stop at the same boundary (same weights as one process meeting the same faults);
 - a real divergence through the CLI (absurd learning rates): one line, exit status 2.
 """
 
@@ -15,48 +17,26 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from stepdistill.cli import main
 from stepdistill.errors import TrainingDiverged, TrainingInterrupted
 from stepdistill.training import Trainer, list_checkpoints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_training import TinyTwoRoleMethod, final_weights, tiny_config  # noqa: E402
+from tiny_training import RANK_FAULTS, Faulty, final_weights, tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Faulty(TinyTwoRoleMethod):
-    """``faults``: {step: (role, "loss" | "gradient" | "SIGINT" | "SIGINT twice" | "SIGTERM")}. A
-    non-finite loss is NaN; a non-finite gradient comes with a finite loss (d sqrt(u) at u = 0)."""
-
-    def __init__(self, faults: dict | None = None):
-        super().__init__()
-        self.faults = faults or {}
-
-    def training_step(self, ctx):
-        role, kind = self.faults.get(ctx.step, (None, None))
-        if kind and kind.startswith("SIG"):
-            for _ in range(2 if kind.endswith("twice") else 1):
-                signal.raise_signal(getattr(signal, kind.split()[0]))
-        if role is None or kind not in ("loss", "gradient"):
-            return super().training_step(ctx)
-        original = ctx.step_role
-
-        def poisoned(name, loss):
-            if name == role:
-                weight = next(ctx.model(name).parameters())
-                loss = loss * float("nan") if kind == "loss" else loss + (weight * 0).sum().sqrt()
-            original(name, loss)
-
-        ctx.step_role = poisoned
-        return super().training_step(ctx)
+TESTS = ROOT / "tests"
 
 
 def trainer(out, method=None, **config) -> Trainer:
@@ -166,3 +146,24 @@ def test_divergence_through_the_cli_is_one_line_exit_2(tmp_path, capsys):
     assert captured.out.count("step skipped") == 2  # the skips before the limit, one line each
     last = list_checkpoints(out)[-1][1]
     assert f"{last.name} in {out} is the last good state" in err and not (out / "pipeline").exists()
+
+
+def test_faults_on_one_of_two_processes_are_agreed_by_both(tmp_path):
+    reference = trainer(tmp_path / "one", Faulty(RANK_FAULTS))
+    with pytest.raises(TrainingInterrupted):
+        reference.train()
+    assert reference.skipped_steps == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(TESTS / "tiny_training.py"), str(tmp_path / "two"), "faults"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(f"stopped {int(signal.SIGTERM)} skipped 1") == 2 and "processes 2" in result.stdout, result.stdout
+    assert [s for s, _ in list_checkpoints(tmp_path / "two")] == [2, 4]
+    two = load_file(str(tmp_path / "two" / "final_weights.safetensors"))
+    for key, value in final_weights(reference).items():  # the same mean gradient, summed in another order (as test_trainer's)
+        torch.testing.assert_close(two[key], value, atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
