@@ -227,7 +227,7 @@ def check_override_keys(recipe_cls: type, overrides: Mapping[str, Any], where: s
         path = f"{where}.{key}" if where else key
         if key not in fields:
             section = f"section '{where}'" if where else "the top level"
-            raise RecipeError(f"--set {path}: unknown key '{key}' in {section}{_suggestion(str(key), fields)}")
+            raise RecipeError(f"--set {path}: unknown key {key!r} in {section}{_suggestion(str(key), fields)}")
         hint = _dataclass_of(hints[key])
         if hint is not None and isinstance(value, Mapping):
             check_override_keys(hint, value, path)
@@ -279,7 +279,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise RecipeError(f"unknown key '{key}' in {section}{_suggestion(str(key), fields)}")
+            raise RecipeError(f"unknown key {key!r} in {section}{_suggestion(str(key), fields)}")
     values = {}
     for name, f in fields.items():
         path = f"{where}.{name}" if where else name
