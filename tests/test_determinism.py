@@ -135,3 +135,18 @@ def test_same_recipe_and_seed_give_bitwise_identical_students(method, variant, p
         other = weights(run(recipe, sets, tmp_path / "other_seed", "training.seed=1"))
         exported = [k for k in first if k.startswith(("pipeline", "lora"))]
         assert any(not torch.equal(first[k], other[k]) for k in exported), "training.seed=1 exported the same weights as seed 0"
+
+
+def test_the_deterministic_switch_runs_on_cpu_changes_nothing_there_and_is_restored(tmp_path, monkeypatch):
+    """``training.deterministic: true`` (PyTorch's deterministic algorithms, for GPUs) trains on
+    CPU -- whose kernels are deterministic already -- to the same bits, and is switched back off."""
+    recipe, sets = VARIANTS["dmd2"]["gan"]
+    seen = []
+    original = trainer_module.Trainer.train_step
+    monkeypatch.setattr(trainer_module.Trainer, "train_step",
+                        lambda self, step: seen.append(torch.are_deterministic_algorithms_enabled()) or original(self, step))
+    plain = weights(run(recipe, sets, tmp_path / "plain"))
+    switched = weights(run(recipe, sets, tmp_path / "deterministic", "training.deterministic=true"))
+    assert seen == [False] * 3 + [True] * 3
+    assert not differing(plain, switched), differing(plain, switched)[:5]
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -59,9 +59,9 @@ def same(a, b) -> bool:
     return torch.equal(a, b) if torch.is_tensor(a) else a == b
 
 
-@pytest.mark.parametrize("kind", ["loss", "gradient"])
-def test_a_non_finite_first_role_skips_the_whole_step(kind, tmp_path):
-    t = trainer(tmp_path / "run", Faulty({2: ("critic", kind)}))
+@pytest.mark.parametrize("kind, clip", [("loss", 1.0), ("gradient", 1.0), ("gradient", None)])
+def test_a_non_finite_first_role_skips_the_whole_step(kind, clip, tmp_path):
+    t = trainer(tmp_path / "run", Faulty({2: ("critic", kind)}), max_grad_norm=clip)
     t.train_step(0), t.train_step(1)
     before = {role: role_state(t, role) for role in ("critic", "generator")}
     logs = t.train_step(2)

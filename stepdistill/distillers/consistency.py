@@ -226,6 +226,9 @@ class ConsistencyDistillation(Distiller):
             )
         if self.real is not None and self.real.latents is not None:
             self.shape = tuple(int(n) for n in self.real.latents.shape("latents")[1:])  # the training resolution (Flux's grid depends on it)
+        if self.num_steps > s.num_solver_steps:
+            raise RecipeError(f"student.num_steps ({self.num_steps}) exceeds consistency.num_solver_steps ({s.num_solver_steps}): "
+                              "the student samples on the solver grid")
         self.scheduler = export_scheduler(teacher.scheduler, self.method, s.num_solver_steps, self.num_steps)
         self.sampler = StudentSampler(self.scheduler, self.num_steps, self.timestep_kwargs)
         self.grid = solver_grid(teacher.scheduler, s.num_solver_steps, **self.timestep_kwargs(s.num_solver_steps))

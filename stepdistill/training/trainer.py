@@ -344,7 +344,8 @@ class Trainer:
             norm = self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
             self._step_logs[f"grad_norm/{name}"] = float(norm)
         elif self.config.mixed_precision != "fp16":
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
         if self.config.mixed_precision != "fp16" and not math.isfinite(float(norm)):  # fp16: the GradScaler skips overflows itself
             return self._skip_rest_of_step(optimizer, f"gradient of role '{name}'")
         optimizer.step()
