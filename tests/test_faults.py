@@ -40,8 +40,8 @@ SETS = [f"training.max_steps={STEPS}", "training.batch_size=4", f"training.check
         "training.eval_every=3", "training.num_eval_samples=20", "evaluation.report=false"]
 CLI = ["distill", RECIPE, *[arg for s in SETS for arg in ("--set", s)]]
 FINAL = f"checkpoint-{STEPS:08d}"
-RNG = random.Random(14)  # the kill steps: random, never at a checkpoint boundary
-BETWEEN_CHECKPOINTS = [s for s in range(1, STEPS - 1) if (s + 1) % EVERY]
+BETWEEN_CHECKPOINTS = [s for s in range(EVERY, STEPS - 1) if (s + 1) % EVERY]  # after the first checkpoint
+KILL_STEP, TERM_STEP = random.Random(14).sample(BETWEEN_CHECKPOINTS, 2)  # random, never at a checkpoint boundary
 
 
 def distill(out: Path, *extra: str) -> int:
@@ -93,10 +93,10 @@ def same(a, b) -> bool:
     return a == b
 
 
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:10]
+def assert_same_state(a: dict, b: dict, context: str = "") -> None:
+    assert a.keys() == b.keys(), (context, sorted(set(a) ^ set(b))[:10])
     differ = [k for k in a if not same(a[k], b[k])]
-    assert not differ, differ[:10]
+    assert not differ, (context, differ[:10])
     assert any(k.startswith("optimizer_2.bin") for k in a) and any(k.startswith("ema_student") for k in a)  # 3 optimizers, the EMA
 
 
@@ -113,18 +113,18 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def test_kill_9_mid_step_then_resume_is_bitwise_the_uninterrupted_run(uninterrupted, tmp_path):
-    step = RNG.choice(BETWEEN_CHECKPOINTS)
+    step = KILL_STEP
     out = tmp_path / "killed"
     killed = signalled("KILL", f"step:{step}", out)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / FINAL).exists() and not (out / "pipeline").exists()
     assert distill(out, "--resume") == 0
-    assert_same_state(run_state(out), run_state(uninterrupted))
+    assert_same_state(run_state(out), run_state(uninterrupted), f"killed at step {step}")
     assert curve(out) == curve(uninterrupted), f"killed at step {step}"
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits_cleanly(uninterrupted, tmp_path):
-    step = RNG.choice(BETWEEN_CHECKPOINTS)
+    step = TERM_STEP
     out = tmp_path / "terminated"
     stopped = signalled("TERM", f"step:{step}", out)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
@@ -134,7 +134,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_cleanly(uninterrupte
     state = json.loads((out / f"checkpoint-{step + 1:08d}" / "trainer_state.json").read_text())
     assert state["step"] == step + 1 and not (out / "pipeline").exists()
     assert distill(out, "--resume") == 0
-    assert_same_state(run_state(out), run_state(uninterrupted))
+    assert_same_state(run_state(out), run_state(uninterrupted), f"SIGTERM at step {step}")
 
 
 def test_kill_or_crash_during_export_leaves_no_half_written_pipeline(uninterrupted, tmp_path, monkeypatch):

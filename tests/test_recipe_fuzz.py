@@ -92,7 +92,8 @@ def apply(recipe: dict, changes) -> tuple[dict, list[str]]:
     recipe, sets = json.loads(json.dumps(recipe)), []
     for kind, path, value, via_set in changes:
         if kind == "unknown":
-            (key, value), path = value, (*path, value[0])
+            key, value = value
+            path = (*path, key)
         try:
             node = get(recipe, path[:-1])
         except (KeyError, TypeError):
