@@ -13,6 +13,8 @@
 
 Every subcommand imports its heavy modules lazily, so ``--help`` is instant. Bad input
 (:class:`~stepdistill.errors.StepdistillError`) is printed as one line and exits with status 2.
+SIGTERM or Ctrl-C during training writes a checkpoint at the next step boundary and exits with
+128 + the signal number (143 / 130) and one line; ``--resume`` continues the run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import argparse
 import os
 import sys
 
-from .errors import StepdistillError
+from .errors import StepdistillError, TrainingInterrupted
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> None:
@@ -368,12 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines() breaks at
+
+
+def one_line(message: object) -> str:
+    """The message with line breaks escaped (a user-given key or path may hold one)."""
+    return "".join(repr(c)[1:-1] if c in LINE_BREAKS else c for c in str(message))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except TrainingInterrupted as exc:  # SIGTERM / Ctrl-C: checkpoint written, resumable
+        print(f"stepdistill {args.command}: stopped: {one_line(exc)}", file=sys.stderr)
+        return 128 + exc.signum
     except StepdistillError as exc:
-        print(f"stepdistill {args.command}: error: {exc}", file=sys.stderr)
+        print(f"stepdistill {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stepdistill {args.command}: interrupted", file=sys.stderr)

@@ -6,7 +6,9 @@ A recipe is a dataclass whose fields are sections (themselves dataclasses) or pl
 
 - an unknown key: names the key, its section and the nearest valid key (``difflib``);
 - a wrong type: names the field and the type it expects;
-- a missing required field (a dataclass field without a default): names it.
+- a missing required field (a dataclass field without a default): names it;
+- a number out of its range (fields declared with :func:`bounded`; NaN and infinities never
+  pass) or sections whose fields disagree (a section's ``validate()`` method): names the field.
 
 Supported field types: ``int``, ``float`` (ints are accepted), ``str``, ``bool``, ``Literal[...]``,
 ``Optional[...]``, ``list[T]``, ``tuple[T, ...]`` / ``tuple[A, B]``, ``dict[str, T]`` and nested
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -68,17 +71,47 @@ _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 # --------------------------------------------------------------------------------------------
+# Numeric ranges
+# --------------------------------------------------------------------------------------------
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A recipe field whose number (or each number of its list) must lie in a range, checked on
+    load: ``steps: int = bounded(100, ge=1)``."""
+    bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt}
+    metadata = {"range": {k: v for k, v in bounds.items() if v is not None}}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_RANGE_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_RANGE_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def _check_range(value: Any, bounds: Mapping[str, float], path: str) -> None:
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_range(item, bounds, f"{path}[{i}]")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if not all(_RANGE_OK[k](value, b) for k, b in bounds.items()):
+        wanted = " and ".join(f"{_RANGE_TEXT[k]} {b:g}" for k, b in bounds.items())
+        raise RecipeError(f"field '{path}' must be {wanted}; got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
 # Sections shared by every training recipe
 # --------------------------------------------------------------------------------------------
 @dataclass
 class OptimizerConfig:
     """AdamW for one role. ``lr_scheduler``: "constant" or "cosine", both after ``warmup_steps``."""
 
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = bounded(1e-4, ge=0)
+    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    eps: float = bounded(1e-8, ge=0)
+    warmup_steps: int = bounded(0, ge=0)
     lr_scheduler: Literal["constant", "cosine"] = "constant"
 
 
@@ -90,7 +123,7 @@ class EMAConfig:
     warm-up, so early averages are not dominated by the initialization).
     """
 
-    decay: float = 0.999
+    decay: float = bounded(0.999, ge=0, lt=1)
 
 
 @dataclass
@@ -99,19 +132,35 @@ class TrainingConfig:
 
     ``batch_size`` is the GLOBAL batch of one optimizer step, summed over processes and
     gradient-accumulation micro-steps; it must divide evenly among them.
+
+    ``seed``: every random draw of the run is a function of it (role construction, data order,
+    noise, timesteps, dropout): the same recipe and seed give bitwise-identical weights on CPU.
+    ``deterministic``: also use PyTorch's deterministic algorithms (GPU kernels with atomics,
+    some backward passes; cuBLAS with a fixed workspace): bitwise-identical runs on GPU too, at
+    a speed cost that depends on the model (the affected ops run their slower deterministic
+    kernels; ops without one raise an error naming themselves). CPU kernels are deterministic
+    already. ``max_skipped_steps``: steps with a non-finite loss or gradient are skipped (no
+    role updates from that point of the step on) and counted; one more than this stops the run.
     """
 
-    max_steps: int = 1000
-    batch_size: int = 128
-    seed: int = 0
+    max_steps: int = bounded(1000, ge=1)
+    batch_size: int = bounded(128, ge=1)
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: Optional[float] = 1.0
-    log_every: int = 50
-    eval_every: int = 0  # 0: evaluate only at the end
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    num_eval_samples: int = 100
+    gradient_accumulation_steps: int = bounded(1, ge=1)
+    max_grad_norm: Optional[float] = bounded(1.0, gt=0)
+    log_every: int = bounded(50, ge=1)
+    eval_every: int = bounded(0, ge=0)  # 0: evaluate only at the end
+    checkpoint_every: int = bounded(500, ge=1)
+    keep_checkpoints: int = bounded(2, ge=0)  # 0: keep every checkpoint
+    num_eval_samples: int = bounded(100, ge=1)
+    max_skipped_steps: int = bounded(10, ge=0)  # 0: stop at the first non-finite loss or gradient
+    deterministic: bool = False
+
+    def validate(self) -> None:
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise RecipeError(f"batch_size ({self.batch_size}) must be divisible by gradient_accumulation_steps "
+                              f"({self.gradient_accumulation_steps})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +227,7 @@ def check_override_keys(recipe_cls: type, overrides: Mapping[str, Any], where: s
         path = f"{where}.{key}" if where else key
         if key not in fields:
             section = f"section '{where}'" if where else "the top level"
-            raise RecipeError(f"--set {path}: unknown key '{key}' in {section}{_suggestion(str(key), fields)}")
+            raise RecipeError(f"--set {path}: unknown key {key!r} in {section}{_suggestion(str(key), fields)}")
         hint = _dataclass_of(hints[key])
         if hint is not None and isinstance(value, Mapping):
             check_override_keys(hint, value, path)
@@ -230,15 +279,23 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise RecipeError(f"unknown key '{key}' in {section}{_suggestion(str(key), fields)}")
+            raise RecipeError(f"unknown key {key!r} in {section}{_suggestion(str(key), fields)}")
     values = {}
     for name, f in fields.items():
         path = f"{where}.{name}" if where else name
         if name in data:
             values[name] = _check(data[name], hints[name], path)
+            if "range" in f.metadata:
+                _check_range(values[name], f.metadata["range"], path)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"missing required field '{path}' ({_type_name(hints[name])})")
-    return cls(**values)
+    recipe = cls(**values)
+    if hasattr(recipe, "validate"):  # a section's rules across its fields
+        try:
+            recipe.validate()
+        except RecipeError as exc:
+            raise RecipeError(f"{where}: {exc}" if where else str(exc)) from None
+    return recipe
 
 
 def _suggestion(key: str, valid) -> str:
@@ -289,6 +346,8 @@ def _check(value: Any, hint: Any, path: str) -> Any:
             value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(path, hint, value)
+        if not math.isfinite(value):
+            raise RecipeError(f"field '{path}' must be a finite number; got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -333,6 +392,7 @@ def _type_name(hint: Any) -> str:
 
 
 __all__ = [
+    "bounded",
     "check_override_keys",
     "parse_set_overrides",
     "EMAConfig",

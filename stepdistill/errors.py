@@ -19,3 +19,17 @@ class OutputDirError(StepdistillError):
 
 class DataError(StepdistillError):
     """A dataset, image folder, prompt file or tensor cache that cannot be used as given."""
+
+
+class TrainingDiverged(StepdistillError):
+    """More steps than ``training.max_skipped_steps`` had a non-finite loss or gradient: the run
+    stops; the latest checkpoint in the run directory is the last good state."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM / SIGINT (Ctrl-C) during training: a checkpoint was written at the next step
+    boundary and the run stopped; ``--resume`` continues it. The CLI exits with 128 + ``signum``."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

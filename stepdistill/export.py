@@ -232,6 +232,13 @@ def _write_directory(
     return out
 
 
+def remove_partial_exports(directory: str | os.PathLike) -> None:
+    """Delete what an export killed mid-write left in ``directory``: ``.NAME.partial-*`` (never
+    renamed into place) and ``.NAME.old-*`` (the directory it was replacing)."""
+    for leftover in [*Path(directory).glob(".*.partial-*"), *Path(directory).glob(".*.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output directory {out} exists and is not a directory")

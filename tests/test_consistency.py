@@ -115,6 +115,8 @@ def test_pcm_phase_edges_are_the_exported_ddim_timesteps():
 def test_phase_count_that_does_not_divide_the_schedule_is_a_clear_error():
     with pytest.raises(RecipeError, match=r"student.num_steps=3 \(PCM phases\) does not divide"):
         pixel_method("pcm", steps=3, num_solver_steps=20)
+    with pytest.raises(RecipeError, match=r"student.num_steps \(21\) exceeds consistency.num_solver_steps \(20\)"):
+        pixel_method("lcm", steps=21, num_solver_steps=20)  # found by tests/test_recipe_fuzz.py
 
 
 def test_pcm_training_moves_few_step_samples_onto_the_teacher_ode(tmp_path):

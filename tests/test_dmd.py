@@ -22,20 +22,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from diffusers import DDIMScheduler, UNet2DModel
 
 from stepdistill.config import OptimizerConfig, TrainingConfig
 from stepdistill.distillers.base import RunData
-from stepdistill.distillers.common import TrainingDiverged, lora_disabled
+from stepdistill.distillers.common import lora_disabled
 from stepdistill.distillers.distribution_matching import DMDRecipe, DistributionMatchingMethod
 from stepdistill.distillers.registry import load_distill_recipe
 from stepdistill.distillers.run import distill
 from stepdistill.distillers.student import StudentSampler, with_network
-from stepdistill.errors import RecipeError, StepdistillError
+from stepdistill.errors import RecipeError, StepdistillError, TrainingDiverged
 from stepdistill.export import save_class_conditional_pipeline
 from stepdistill.teachers import load_teacher
 from stepdistill.teachers.pixel import PixelUNetTeacher
-from stepdistill.training.checkpoint import latest_checkpoint, load_trained_model
+from stepdistill.training.checkpoint import list_checkpoints, load_trained_model
 from stepdistill.training.trainer import Trainer
 
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -204,8 +205,8 @@ def test_lora_on_a_network_without_matching_layers_is_a_clear_error():
         dmd(tiny_pixel_teacher(), recipe)
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
-    recipe = recipe_with(training={"max_steps": 10, "checkpoint_every": 1})
+def test_nan_losses_are_skipped_then_stop_the_run_past_the_limit_keeping_the_last_good_checkpoint(tmp_path):
+    recipe = recipe_with(training={"max_steps": 10, "checkpoint_every": 1, "max_skipped_steps": 1})
     method = dmd(tiny_pixel_teacher(), recipe)
     real_score = method.real_score
 
@@ -223,9 +224,14 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
 
     method.training_step = tracked
     trainer = make_trainer(method, tmp_path)
-    with pytest.raises(TrainingDiverged, match=r"loss 'generator' is nan at step 2: stopping; the latest checkpoint"):
+    with pytest.raises(TrainingDiverged, match=r"^step 3: the loss of role 'student' is not finite \(2 steps skipped, more than "
+                       r"training.max_skipped_steps = 1\): stopping; checkpoint-00000003 in .* is the last good state"):
         trainer.train()
-    assert latest_checkpoint(tmp_path / "run").name.endswith("2")
+    (_, before), (step, after) = list_checkpoints(tmp_path / "run")
+    assert step == 3 and json.loads((after / "trainer_state.json").read_text())["skipped_steps"] == 1
+    for name in ("model.safetensors", "model_1.safetensors", "ema_student.safetensors"):  # step 2 (skipped) changed nothing
+        a, b = load_file(before / name), load_file(after / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
     student = load_trained_model(tmp_path / "run", "student")
     assert all(torch.isfinite(p).all() for p in student.parameters())
 

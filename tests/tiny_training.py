@@ -3,12 +3,14 @@
 ``critic`` updates every step, ``generator`` every second step (a two-time-scale schedule),
 both draw data order and noise through the step context, and the generator keeps an EMA.
 
-Run as a script (``accelerate launch --num_processes 2 --cpu tests/tiny_training.py OUT``)
-it trains a few steps and writes the final weights to ``OUT/final_weights.safetensors``.
+Run as a script (``accelerate launch --num_processes 2 --cpu tests/tiny_training.py OUT [faults]``)
+it trains a few steps and writes the final weights to ``OUT/final_weights.safetensors``; with
+``faults``, process 1 alone meets :data:`RANK_FAULTS` (a NaN loss, then SIGTERM).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import torch
@@ -64,6 +66,41 @@ class TinyTwoRoleMethod(TrainingMethod):
         return images, torch.arange(num_samples) % 10
 
 
+class Faulty(TinyTwoRoleMethod):
+    """``faults``: {step: (role, "loss" | "gradient" | "SIGINT" | "SIGINT twice" | "SIGTERM")}, on
+    process ``rank`` only (None: every process). A non-finite loss is NaN; a non-finite gradient
+    comes with a finite loss (d sqrt(u) at u = 0)."""
+
+    def __init__(self, faults: dict | None = None, rank: int | None = None):
+        super().__init__()
+        self.faults = faults or {}
+        self.rank = rank
+
+    def training_step(self, ctx):
+        role, kind = self.faults.get(ctx.step, (None, None))
+        if self.rank is not None and ctx.accelerator.process_index != self.rank:
+            role, kind = None, None
+        if kind and kind.startswith("SIG"):
+            for _ in range(2 if kind.endswith("twice") else 1):
+                signal.raise_signal(getattr(signal, kind.split()[0]))
+        if role is None or kind not in ("loss", "gradient"):
+            return super().training_step(ctx)
+        original = ctx.step_role
+
+        def poisoned(name, loss):
+            if name == role:
+                weight = next(ctx.model(name).parameters())
+                loss = loss * float("nan") if kind == "loss" else loss + (weight * 0).sum().sqrt()
+            original(name, loss)
+
+        ctx.step_role = poisoned
+        return super().training_step(ctx)
+
+
+# the faults of the multi-process test: rank 1 alone sees a NaN critic loss at step 2 and SIGTERM at step 3
+RANK_FAULTS = {2: ("critic", "loss"), 3: (None, "SIGTERM")}
+
+
 def tiny_config(**changes) -> TrainingConfig:
     values = dict(max_steps=6, batch_size=8, seed=3, log_every=1, eval_every=0, checkpoint_every=2, keep_checkpoints=2, num_eval_samples=20)
     values.update(changes)
@@ -84,9 +121,14 @@ def final_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 if __name__ == "__main__":
     from safetensors.torch import save_file
 
-    out_dir = sys.argv[1]
-    trainer = Trainer(TinyTwoRoleMethod(), tiny_config(), out_dir, log_with=None, progress=False)
-    trainer.train()
+    from stepdistill.errors import TrainingInterrupted
+
+    out_dir, faults = sys.argv[1], sys.argv[2:] == ["faults"]
+    trainer = Trainer(Faulty(RANK_FAULTS, rank=1) if faults else TinyTwoRoleMethod(), tiny_config(), out_dir, log_with=None, progress=False)
+    try:
+        trainer.train()
+    except TrainingInterrupted as stop:
+        print("stopped", stop.signum, "skipped", trainer.skipped_steps)
     if trainer.accelerator.is_main_process:
         save_file(final_weights(trainer), f"{out_dir}/final_weights.safetensors")
         print("processes", trainer.accelerator.num_processes)

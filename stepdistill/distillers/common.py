@@ -1,4 +1,4 @@
-"""Pieces every distiller shares: LoRA adapters on any network, and a guard against NaN losses.
+"""Pieces every distiller shares: LoRA adapters on any network.
 
 LoRA goes through peft's ``inject_adapter_in_model``, which works on any ``nn.Module`` (a
 diffusers UNet2DModel has no ``add_adapter``), so the same three helpers serve every family:
@@ -10,27 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
-import torch
 from torch import nn
 
-from ..errors import RecipeError, StepdistillError
-
-
-class TrainingDiverged(StepdistillError):
-    """A loss went NaN / inf: training stops, the last checkpoint on disk is the last good one."""
-
-
-def check_finite(losses: Mapping[str, torch.Tensor], step: int) -> None:
-    """Raise :class:`TrainingDiverged` naming the first non-finite loss."""
-    for name, value in losses.items():
-        if torch.is_tensor(value) and not torch.isfinite(value.detach()).all():
-            raise TrainingDiverged(
-                f"loss '{name}' is {float(value.detach().float().mean())} at step {step}: stopping; "
-                "the latest checkpoint in the run directory is the last good state (lower the learning rates "
-                "or raise max_grad_norm clipping and --resume)"
-            )
+from ..errors import RecipeError
 
 
 # -- LoRA ---------------------------------------------------------------------------------------
@@ -102,4 +86,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["TrainingDiverged", "add_lora", "check_finite", "has_lora", "lora_disabled", "merge_lora"]
+__all__ = ["add_lora", "has_lora", "lora_disabled", "merge_lora"]

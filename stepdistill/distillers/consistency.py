@@ -49,12 +49,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..config import EMAConfig, OptimizerConfig
+from ..config import EMAConfig, OptimizerConfig, bounded
 from ..errors import RecipeError, StepdistillError
 from ..export import make_student_scheduler, student_timesteps
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
-from .common import add_lora, check_finite
+from .common import add_lora
 from .recipe import DistillRecipe, lora_targets
 from .student import StudentSampler, denoiser_name, pipeline_timestep_kwargs, with_network
 
@@ -66,12 +66,19 @@ END = -1  # the clean end of the trajectory: alpha = 1, sigma = 0
 # =============================================================================================
 @dataclass
 class ConsistencySection:
-    num_solver_steps: int = 50  # N: teacher DDIM/Euler grid (LCM's original_inference_steps); PCM: K phases = student.num_steps
-    guidance_range: tuple[float, float] = (1.0, 1.0)  # w ~ U[lo, hi]; uncond + w (cond - uncond)
+    num_solver_steps: int = bounded(50, ge=1)  # N: teacher DDIM/Euler grid (LCM's original_inference_steps); PCM: K phases = student.num_steps
+    guidance_range: tuple[float, float] = bounded((1.0, 1.0), ge=1)  # w ~ U[lo, hi]; uncond + w (cond - uncond)
     w_embedding: bool = False  # feed w to the student (UNet2DConditionModel time_cond_proj_dim)
-    w_embedding_dim: int = 256
+    w_embedding_dim: int = bounded(256, ge=2)
     loss: Literal["l2", "huber"] = "huber"
-    huber_c: float = 0.001
+    huber_c: float = bounded(0.001, gt=0)
+
+    def validate(self) -> None:
+        lo, hi = self.guidance_range
+        if lo > hi:
+            raise RecipeError(f"guidance_range must be [lo, hi] with 1 <= lo <= hi; got {[lo, hi]}")
+        if self.w_embedding_dim % 2:
+            raise RecipeError(f"w_embedding_dim must be even (a sinusoidal embedding); got {self.w_embedding_dim}")
 
 
 @dataclass
@@ -212,8 +219,6 @@ class ConsistencyDistillation(Distiller):
         if data is not None and self.real is None:
             raise RecipeError(f"{self.method}: consistency distillation trains on real data: set data.images (or data.latents for latent teachers)")
         lo, hi = s.guidance_range
-        if lo > hi or lo < 1.0:
-            raise RecipeError(f"consistency.guidance_range must be [lo, hi] with 1 <= lo <= hi; got {[lo, hi]}")
         if lo != hi and not s.w_embedding:
             raise RecipeError(
                 f"consistency.guidance_range {[lo, hi]} spans several w but w_embedding is off: the student could not "
@@ -221,6 +226,9 @@ class ConsistencyDistillation(Distiller):
             )
         if self.real is not None and self.real.latents is not None:
             self.shape = tuple(int(n) for n in self.real.latents.shape("latents")[1:])  # the training resolution (Flux's grid depends on it)
+        if self.num_steps > s.num_solver_steps:
+            raise RecipeError(f"student.num_steps ({self.num_steps}) exceeds consistency.num_solver_steps ({s.num_solver_steps}): "
+                              "the student samples on the solver grid")
         self.scheduler = export_scheduler(teacher.scheduler, self.method, s.num_solver_steps, self.num_steps)
         self.sampler = StudentSampler(self.scheduler, self.num_steps, self.timestep_kwargs)
         self.grid = solver_grid(teacher.scheduler, s.num_solver_steps, **self.timestep_kwargs(s.num_solver_steps))
@@ -352,7 +360,6 @@ class ConsistencyDistillation(Distiller):
             target = torch.where(self._bc(at_boundary.float(), x_s) > 0, x_s, target)
         pred = self.consistency_fn(ctx.model("student"), x_t, t_in, cond, w)
         loss = self.distance(pred, target)
-        check_finite({"consistency": loss}, ctx.step)
         ctx.step_role("student", loss)
         return {"loss": loss}
 

@@ -47,12 +47,12 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import OptimizerConfig
+from ..config import OptimizerConfig, bounded
 from ..errors import RecipeError
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
 from . import ode_pairs
-from .common import add_lora, check_finite
+from .common import add_lora
 from .fake_score import build_fake_score, discriminator_for, discriminator_loss, generator_gan_loss
 from .ode_pairs import load_ode_pairs
 from .recipe import DistillRecipe, lora_targets
@@ -64,21 +64,25 @@ from .student import StudentSampler, denoiser_name, with_network
 # =============================================================================================
 @dataclass
 class FakeScoreSection:
-    lora_rank: int = 0  # > 0: a LoRA on the frozen teacher instead of a second full copy
+    lora_rank: int = bounded(0, ge=0)  # > 0: a LoRA on the frozen teacher instead of a second full copy
     lora_target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
 class DMDSection:
-    critic_updates_per_generator_update: int = 5  # TTUR (DMD2); DMD uses 1
-    min_timestep: float = 0.02  # fractions of the training timesteps for the score timesteps
-    max_timestep: float = 0.98
+    critic_updates_per_generator_update: int = bounded(5, ge=1)  # TTUR (DMD2); DMD uses 1
+    min_timestep: float = bounded(0.02, ge=0, le=1)  # fractions of the training timesteps for the score timesteps
+    max_timestep: float = bounded(0.98, ge=0, le=1)
     gan: Optional[bool] = None  # null: on when data.images / data.latents are given (and weights > 0); true: required
-    gan_generator_weight: float = 0.0
-    gan_critic_weight: float = 0.0
-    regression_weight: float = 0.0  # DMD's lambda_reg (the paper: 0.25)
+    gan_generator_weight: float = bounded(0.0, ge=0)
+    gan_critic_weight: float = bounded(0.0, ge=0)
+    regression_weight: float = bounded(0.0, ge=0)  # DMD's lambda_reg (the paper: 0.25)
     regression_pairs: Optional[str] = None  # safetensors from `stepdistill distill RECIPE --make-pairs N`
-    pair_steps: int = 50  # teacher steps of the cached ODE pairs
+    pair_steps: int = bounded(50, ge=1)  # teacher steps of the cached ODE pairs
+
+    def validate(self) -> None:
+        if not self.min_timestep < self.max_timestep:
+            raise RecipeError(f"need min_timestep < max_timestep; got {self.min_timestep}, {self.max_timestep}")
 
 
 @dataclass
@@ -154,14 +158,10 @@ class DistributionMatchingMethod(Distiller):
 
     def _check(self, recipe: DMDRecipe) -> None:
         d = recipe.dmd
-        if not 0.0 <= d.min_timestep < d.max_timestep <= 1.0:
-            raise RecipeError(f"dmd: need 0 <= min_timestep < max_timestep <= 1; got {d.min_timestep}, {d.max_timestep}")
         if self.variant == "dmd" and self.gan:
             raise RecipeError("method 'dmd' has no GAN: set dmd.gan_generator_weight and gan_critic_weight to 0 (or use method: dmd2)")
         if self.variant == "dmd2" and d.regression_weight > 0:
             raise RecipeError("method 'dmd2' drops the regression loss: set dmd.regression_weight to 0 (or use method: dmd)")
-        if d.critic_updates_per_generator_update < 1:
-            raise RecipeError("dmd.critic_updates_per_generator_update must be >= 1")
         if d.regression_weight > 0:
             if self.pairs is None:
                 raise RecipeError("dmd.regression_weight > 0 needs dmd.regression_pairs (make them with `stepdistill distill RECIPE --make-pairs N`)")
@@ -204,7 +204,7 @@ class DistributionMatchingMethod(Distiller):
         if int(k.max()) == 0:
             x_in = noise * getattr(self.sampler.scheduler, "init_noise_sigma", 1.0)
         else:
-            inputs = torch.stack(self.sampler.rollout(adapter, noise, cond, int(k.max())))  # [k_max + 1, B, ...]
+            inputs = torch.stack(self.sampler.rollout(adapter, noise, cond, int(k.max()), generator=ctx.generator))  # [k_max + 1, B, ...]
             x_in = inputs[k, torch.arange(noise.shape[0], device=noise.device)]
         t_in = timesteps[k]
         with torch.set_grad_enabled(grad):
@@ -249,7 +249,6 @@ class DistributionMatchingMethod(Distiller):
                 reg_loss = self.regression_loss(ctx)
                 generator_loss = generator_loss + d.regression_weight * reg_loss
                 logs["generator/regression_loss"] = reg_loss
-            check_finite({"generator": generator_loss}, ctx.step)
             ctx.step_role("student", generator_loss)
             logs["generator/loss"] = generator_loss
 
@@ -274,12 +273,10 @@ class DistributionMatchingMethod(Distiller):
             # weighted by gan_critic_weight; the head itself then learns at its own rate on them.
             features = self.bottleneck_features()
             critic_loss = critic_loss + d.gan_critic_weight * discriminator_loss(*ctx.model("discriminator")(features).split(B))
-        check_finite({"critic": critic_loss}, ctx.step)
         ctx.step_role("fake_score", critic_loss)
         if self.gan:
             logits = ctx.model("discriminator")(features.detach())
             head_loss = discriminator_loss(logits[:B], logits[B:])
-            check_finite({"discriminator": head_loss}, ctx.step)
             ctx.step_role("discriminator", head_loss)
             logs["critic/gan_loss"] = head_loss
             logs["critic/real_accuracy"] = (logits[B:] > 0).float().mean()

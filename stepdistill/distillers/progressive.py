@@ -49,7 +49,6 @@ from ..export import make_student_scheduler
 from ..schedule import canonical_prediction_type
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData, StagedDistillation
-from .common import check_finite
 from .recipe import DistillRecipe
 from .student import StudentSampler, denoiser_name, pipeline_timestep_kwargs, with_network
 
@@ -202,7 +201,6 @@ class ProgressiveStage(Distiller):
         x0_student, _ = self.x0_eps(ctx.model("student"), z, t, cond, self.prediction)
         per_sample = (x0_student - target).pow(2).flatten(1).mean(dim=1)
         loss = (self.loss_weight(alpha, sigma) * per_sample).mean()
-        check_finite({"progressive": loss}, ctx.step)
         ctx.step_role("student", loss)
         return {"loss": loss, "x0_mse": per_sample.mean()}
 

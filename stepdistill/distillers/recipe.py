@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import EMAConfig, OptimizerConfig, TrainingConfig
+from ..config import EMAConfig, OptimizerConfig, TrainingConfig, bounded
 from ..evaluation.benchmarks import EvaluationSection
 
 
@@ -30,17 +30,17 @@ class TeacherSection:
     path: Optional[str] = None  # diffusers pipeline directory, a single checkpoint file (+ family), or a registered name ("digits")
     family: Optional[str] = None  # single files only: sd / sdxl; directories are detected from model_index.json
     config: Optional[str] = None  # single files only: a local diffusers directory of the same architecture
-    guidance_scale: float = 1.0  # the teacher's CFG, uncond + w (cond - uncond); 1 = none
-    height: Optional[int] = None  # pixels; None: the model's native size
-    width: Optional[int] = None
+    guidance_scale: float = bounded(1.0, ge=0)  # the teacher's CFG, uncond + w (cond - uncond); 1 = none
+    height: Optional[int] = bounded(None, ge=1)  # pixels; None: the model's native size
+    width: Optional[int] = bounded(None, ge=1)
 
 
 @dataclass
 class StudentSection:
-    num_steps: int = 1  # K: the exported pipeline's step count
+    num_steps: int = bounded(1, ge=1)  # K: the exported pipeline's step count
     timesteps: Optional[list[float]] = None  # optional: checked against the exported scheduler's
     backward_simulation: bool = True  # DMD, K > 1: inputs from the student's own earlier steps
-    lora_rank: int = 0  # 0: full fine-tune; > 0: a LoRA student (exported as a LoRA file for latent teachers)
+    lora_rank: int = bounded(0, ge=0)  # 0: full fine-tune; > 0: a LoRA student (exported as a LoRA file for latent teachers)
     lora_target_modules: list[str] = field(default_factory=list)  # empty: the family's default
 
 
@@ -50,7 +50,7 @@ class DataSection:
     conditions (class labels, prompts) of data-free methods."""
 
     images: Optional[str] = None  # an image folder, a `datasets` directory, or a registered name ("digits")
-    resolution: Optional[int] = None  # resize + crop to this; None: the teacher's size
+    resolution: Optional[int] = bounded(None, ge=1)  # resize + crop to this; None: the teacher's size
     center_crop: bool = True
     random_flip: bool = False
     image_column: Optional[str] = None  # `datasets`: default: the first Image feature

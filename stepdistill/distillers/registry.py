@@ -49,7 +49,7 @@ register_method("reflow", "stepdistill.distillers.reflow", "ReflowRecipe", "buil
 
 
 def method_entry(name: Any) -> MethodEntry:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         listing = ", ".join(sorted(METHODS))
         if name is None:
             raise RecipeError(f"missing required field 'method' (one of: {listing})")

@@ -31,6 +31,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import RecipeError, StepdistillError
+from ..export import remove_partial_exports
 from ..model_card import portable_path
 from .base import Distiller, RunData, StagedDistillation
 from .common import has_lora, merge_lora
@@ -42,7 +43,7 @@ from .student import save_student_lora, save_student_pipeline
 RUN_KIND = "distill"
 # keys a resumed run may change: how long it trains and how often it reports
 RESUMABLE_CHANGES = ("training.max_steps", "training.log_every", "training.eval_every", "training.checkpoint_every",
-                     "training.keep_checkpoints", "evaluation.report", "evaluation.report_samples")
+                     "training.keep_checkpoints", "training.max_skipped_steps", "evaluation.report", "evaluation.report_samples")
 
 
 # -- the pieces -------------------------------------------------------------------------------
@@ -97,8 +98,12 @@ def check_resume(output_dir: Path, recipe: DistillRecipe) -> None:
     before = json.loads(run_file.read_text()).get("recipe")
     if before is None:
         return
-    changed = [k for k in sorted(set(_flat(before)) | set(_flat(to_dict(recipe))))
-               if _flat(before).get(k) != _flat(to_dict(recipe)).get(k) and k not in RESUMABLE_CHANGES]
+    try:  # fields added since the run was made compare by their defaults
+        before = to_dict(load_distill_recipe(before))
+    except RecipeError:
+        pass
+    before, now = _flat(before), _flat(to_dict(recipe))
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
     if changed:
         raise StepdistillError(f"--resume: the recipe differs from the run's in {', '.join(changed)} (only the step budget may change); "
                                "use the run's recipe, or start a new run")
@@ -227,15 +232,21 @@ def distill(
     and validated with it. ``evaluate``: periodic evaluation; ``report``: the end-of-run table
     (default: the recipe's ``evaluation.report``).
     """
-    from accelerate.utils import set_seed
-
-    from ..training.trainer import Trainer
+    from ..training.trainer import seed_run
 
     recipe = load_distill_recipe(recipe_path, overrides, set_items)
     output_dir = Path(output_dir)
     if resume:
         check_resume(output_dir, recipe)
-    set_seed(recipe.training.seed)  # role construction (copies, LoRA, heads) draws from the seeded global RNG
+    with seed_run(recipe.training):  # role construction (copies, LoRA, heads) draws from the seeded global RNGs
+        return _distill(recipe, recipe_path, output_dir, resume=resume, overwrite=overwrite, progress=progress,
+                        evaluate=evaluate, report=report)
+
+
+def _distill(recipe: DistillRecipe, recipe_path, output_dir: Path, *, resume: bool, overwrite: bool, progress: bool,
+             evaluate: bool, report: bool | None) -> Path:
+    from ..training.trainer import Trainer
+
     teacher = load_recipe_teacher(recipe)
     data = open_run_data(teacher, recipe)
     method = build_method(teacher, recipe, data)
@@ -266,6 +277,7 @@ def _train_and_export(method: Distiller, trainer, output_dir: Path, recipe_path)
     minutes = (time.perf_counter() - began) / 60
     out = artefact_dir(method, output_dir)
     if trainer.accelerator.is_main_process and not (finished_before and out.is_dir()):
+        remove_partial_exports(output_dir)  # a previous attempt killed mid-export
         metrics = None
         if final:
             metrics = {"model": f"{recipe.method.upper()} student", "steps": method.num_steps, "guidance_scale": method.export_guidance_scale,

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
+from ..config import bounded
 from ..errors import StepdistillError
 
 BENCHMARKS: dict[str, Callable[..., Any]] = {}
@@ -42,8 +43,8 @@ class EvaluationSection:
     heldout: Optional[str] = None  # other real images: the noise floor is FD of N of them (None: N drawn from the reference)
     inception_weights: Optional[str] = None  # local torch-fidelity Inception weights (feature inception)
     report: bool = True  # the end-of-run table: student next to the teacher, N = report_samples
-    report_samples: int = 2000
-    teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 10])  # teacher rows of the table
+    report_samples: int = bounded(2000, ge=1)
+    teacher_steps: list[int] = bounded(default_factory=lambda: [1, 2, 4, 10], ge=1)  # teacher rows of the table
 
 
 def register_benchmark(name: str, factory: Callable[..., Any]) -> None:

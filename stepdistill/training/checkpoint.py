@@ -11,8 +11,9 @@ A run directory looks like::
 
 A checkpoint holds what ``accelerate``'s ``save_state`` writes (every trainable role's weights
 as safetensors, optimizers, LR schedulers, RNG states of every process), the EMA weights as
-``ema_<role>.safetensors``, and ``trainer_state.json`` (step, EMA update counts, the class and
-config of every role so :func:`load_trained_model` can rebuild them).
+``ema_<role>.safetensors``, and ``trainer_state.json`` (step, EMA update counts, the number of
+steps skipped for non-finite values, the class and config of every role so
+:func:`load_trained_model` can rebuild them).
 
 Writes are atomic: everything goes to ``.checkpoint-<step>.tmp/`` in the same folder, which is
 renamed to ``checkpoint-<step>/`` only once complete, so a crash mid-save leaves the previous
@@ -101,7 +102,7 @@ def save_checkpoint(trainer, step: int) -> Path:
             save_file(_contiguous(ema.state_dict()), str(temp / f"ema_{name}.safetensors"))
             ema_updates[name] = ema.num_updates
             roles[name]["ema_weights"] = f"ema_{name}.safetensors"
-        state = {"step": step, "ema_updates": ema_updates, "roles": roles}
+        state = {"step": step, "ema_updates": ema_updates, "skipped_steps": trainer.skipped_steps, "roles": roles}
         _write_json_atomic(temp / STATE_FILE, state)
         if final.exists():  # a re-save of the same step (e.g. the final one): replace it
             shutil.rmtree(final)
@@ -119,6 +120,7 @@ def load_checkpoint(trainer, path: str | os.PathLike) -> int:
     for name, ema in trainer.emas.items():
         weights = load_file(str(path / f"ema_{name}.safetensors"), device=str(trainer.accelerator.device))
         ema.load_state_dict(weights, state["ema_updates"][name])
+    trainer.skipped_steps = int(state.get("skipped_steps", 0))
     return int(state["step"])
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import EMAConfig, OptimizerConfig
+from ..config import EMAConfig, OptimizerConfig, bounded
 from ..sampling import ddim_sample
 from ..schedule import NoiseSchedule, schedule_from_scheduler
 from ..teachers.pixel import PixelUNetTeacher
@@ -31,8 +31,8 @@ from .trainer import Role, StepContext, Trainer, TrainingMethod
 class DenoisingSection:
     """Recipe section ``denoising``."""
 
-    label_dropout: float = 0.1
-    eval_inference_steps: int = 50  # DDIM steps of the evaluation samples
+    label_dropout: float = bounded(0.1, ge=0, le=1)
+    eval_inference_steps: int = bounded(50, ge=1)  # DDIM steps of the evaluation samples
 
 
 class DenoisingMethod(TrainingMethod):

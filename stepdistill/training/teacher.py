@@ -24,16 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence
 
-import torch
-
-from ..config import EMAConfig, OptimizerConfig, TrainingConfig, check_override_keys, from_dict, load_yaml, merge, parse_set_overrides, to_dict
+from ..config import EMAConfig, OptimizerConfig, TrainingConfig, bounded, check_override_keys, from_dict, load_yaml, merge, parse_set_overrides, to_dict
 from ..errors import RecipeError, StepdistillError
 from ..evaluation.benchmarks import EvaluationSection
 from ..export import export_info, save_class_conditional_pipeline, save_unconditional_pipeline
 from ..model_card import portable_path
 from .checkpoint import RUN_FILE, load_trained_model
 from .denoising import DenoisingMethod, DenoisingSection
-from .trainer import Trainer
+from .trainer import Trainer, seed_run
 
 PIPELINE_SUBDIR = "pipeline"
 
@@ -41,7 +39,7 @@ PIPELINE_SUBDIR = "pipeline"
 @dataclass
 class TeacherDataSection:
     images: Optional[str] = None  # an image folder, a `datasets` directory, or a registered name ("digits")
-    resolution: Optional[int] = None  # resize + crop to this; None: the images' own size
+    resolution: Optional[int] = bounded(None, ge=1)  # resize + crop to this; None: the images' own size
     center_crop: bool = True
     image_column: Optional[str] = None
     label_column: Optional[str] = None
@@ -52,12 +50,12 @@ class TeacherDataSection:
 class UNetSection:
     """``UNet2DModel`` architecture (image size, channels and classes come from the data)."""
 
-    block_out_channels: tuple[int, ...] = (32, 64)
-    layers_per_block: int = 2
+    block_out_channels: tuple[int, ...] = bounded((32, 64), ge=1)
+    layers_per_block: int = bounded(2, ge=1)
     down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D")
     up_block_types: tuple[str, ...] = ("UpBlock2D", "UpBlock2D")
-    norm_num_groups: int = 8
-    attention_head_dim: Optional[int] = 8
+    norm_num_groups: int = bounded(8, ge=1)
+    attention_head_dim: Optional[int] = bounded(8, ge=1)
 
 
 @dataclass
@@ -65,10 +63,10 @@ class SchedulerSection:
     """The scheduler the teacher is trained for and exported with."""
 
     class_name: Literal["DDIMScheduler", "DDPMScheduler"] = "DDIMScheduler"
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = bounded(1000, ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
+    beta_start: float = bounded(0.0001, gt=0, lt=1)
+    beta_end: float = bounded(0.02, gt=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     rescale_betas_zero_snr: bool = False
@@ -177,7 +175,14 @@ def train_teacher(
         raise RecipeError(f"train-teacher trains unconditional or class-conditional pixel teachers; {d.images} holds captions (text-to-image)")
     if progress:
         print(f"stepdistill train-teacher: {dataset.summary()}", flush=True)
-    torch.manual_seed(recipe.training.seed)  # the initial weights are part of the run's determinism
+    with seed_run(recipe.training):  # the initial weights are part of the run's determinism
+        return _train_teacher(recipe, recipe_path, output_dir, dataset, resume=resume, overwrite=overwrite, progress=progress,
+                              evaluate=evaluate)
+
+
+def _train_teacher(recipe: TeacherRecipe, recipe_path, output_dir, dataset, *, resume: bool, overwrite: bool, progress: bool,
+                   evaluate: bool) -> Path:
+    d = recipe.data
     unet = build_unet(recipe.unet, (dataset.height, dataset.width), dataset.channels, dataset.num_classes if dataset.kind == "class" else None)
     scheduler = build_scheduler(recipe.scheduler)
     method = DenoisingMethod(unet, scheduler, dataset, optimizer=recipe.optimizer, ema=recipe.ema,

@@ -22,9 +22,31 @@ checkpoints, resume, and the output-directory guard.
 
 Determinism. All randomness a method draws through the context -- data order, noise,
 timesteps, label dropout -- comes from a generator seeded with (seed, step, micro-step) that
-draws the GLOBAL micro-batch; each process keeps its slice. So a resumed run ends with the same
+draws the GLOBAL micro-batch; each process keeps its slice. Role construction draws from the
+global RNGs, seeded once before it (:func:`seed_run`); no training step draws from them. So two
+runs of a recipe end with bitwise-identical weights on CPU, a resumed run ends with the same
 weights as an uninterrupted one, and N processes end with the same weights as one process at
 the same global batch (up to floating-point summation order).
+
+Faults.
+
+- Non-finite losses and gradients: at each role's update the trainer checks its loss (every
+  micro-step) and its averaged gradients (all processes agree). From the first non-finite one
+  on, the step updates nothing more: that role and every role after it in the step keep their
+  weights, optimizer state, LR schedule and EMA. Roles that already updated earlier in the same
+  step (DMD2's generator before its critic) keep their finite update: undoing it would need a
+  copy of their weights and optimizer state at every step. The step is counted
+  (``skipped_steps``, in checkpoints); past ``training.max_skipped_steps`` the run stops with
+  :class:`~stepdistill.errors.TrainingDiverged`, its latest checkpoint the last good state.
+  Under fp16 the GradScaler keeps handling gradient overflow itself (it skips and lowers the
+  scale); only non-finite losses are counted there.
+- SIGTERM / SIGINT (Ctrl-C): the step in progress finishes, a checkpoint is written at its
+  boundary and :meth:`Trainer.train` raises :class:`~stepdistill.errors.TrainingInterrupted`
+  (the CLI exits with 128 + the signal number); ``--resume`` continues bitwise-identically. A
+  second Ctrl-C interrupts at once (no checkpoint).
+- A kill (SIGKILL, power loss): checkpoints are atomic, resume takes the latest complete one.
+- Checkpoints are written before evaluations, so a crash in an evaluation loses no training;
+  a resumed run evaluates again at its restart step when an evaluation was due there.
 """
 
 from __future__ import annotations
@@ -35,6 +57,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +70,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import EMAConfig, OptimizerConfig, TrainingConfig
-from ..errors import OutputDirError, RecipeError
+from ..errors import OutputDirError, RecipeError, TrainingDiverged, TrainingInterrupted
 from ..images import save_image_grid
-from .checkpoint import RUN_FILE, latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from .checkpoint import RUN_FILE, checkpoint_name, latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from .ema import EMA
 
 CURVE_FILE = "curve.jsonl"  # one row per evaluation: step, minutes since the run (re)started, metrics
@@ -85,6 +109,29 @@ def seed_for(*parts: int | str) -> int:
     """A 63-bit seed that is a pure function of its parts (no Python hash randomization)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seed_run(config: TrainingConfig):
+    """Around a run's construction and training: the global RNGs (torch, numpy, random) seeded
+    with ``config.seed`` -- role construction (copies, LoRA adapters, GAN heads, w-embeddings)
+    draws from them -- and, with ``config.deterministic``, PyTorch's deterministic algorithms
+    (restored on exit)."""
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    if not config.deterministic:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic with a fixed workspace
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
 
 
 class StepContext:
@@ -182,6 +229,9 @@ class Trainer:
         self._build_roles(method.roles())
 
         self.start_step = 0
+        self.skipped_steps = 0  # steps with a non-finite loss or gradient (restored by load_checkpoint)
+        self._skipping: str | None = None  # why the step in progress updates nothing more
+        self._stop_signal: int | None = None
         checkpoint = latest_checkpoint(self.output_dir) if resume else None
         if checkpoint is not None:
             self.start_step = load_checkpoint(self, checkpoint)
@@ -194,7 +244,7 @@ class Trainer:
         if not path.is_file() or self.start_step == 0:
             return 0.0
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        kept = [row for row in rows if row["step"] <= self.start_step]
+        kept = [row for row in rows if row["step"] < self.start_step]  # an evaluation due at start_step runs again
         if self.accelerator.is_main_process:
             path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         return max((row["minutes"] for row in kept), default=0.0)
@@ -279,43 +329,64 @@ class Trainer:
             raise ValueError(f"role '{name}' has no optimizer; trainable roles: {', '.join(self.trainable_roles)}")
         optimizer = self.optimizers[name]
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self._skipping is not None:  # an earlier update of this step was non-finite: no more updates
+            if last_micro_step:
+                optimizer.zero_grad(set_to_none=True)
+            return
         self.accelerator.backward(loss / self.config.gradient_accumulation_steps, inputs=params)
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite_losses[name] = finite & self._finite_losses[name] if name in self._finite_losses else finite
         if not last_micro_step:
             return
-        self._average_gradients(params)
+        if not self._average_gradients(params, self._finite_losses.pop(name)):
+            return self._skip_rest_of_step(optimizer, f"loss of role '{name}'")
         if self.config.max_grad_norm is not None:
             norm = self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
             self._step_logs[f"grad_norm/{name}"] = float(norm)
+        elif self.config.mixed_precision != "fp16":
+            norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
+        if self.config.mixed_precision != "fp16" and not math.isfinite(float(norm)):  # fp16: the GradScaler skips overflows itself
+            return self._skip_rest_of_step(optimizer, f"gradient of role '{name}'")
         optimizer.step()
         self.lr_schedulers[name].step()
         optimizer.zero_grad(set_to_none=True)
         if name in self.emas:
             self.emas[name].update(self.unwrap(name))
 
-    def _average_gradients(self, params: list[torch.Tensor]) -> None:
-        """Mean of every process's gradients (one flat all-reduce), before clipping and the step.
+    def _skip_rest_of_step(self, optimizer: torch.optim.Optimizer, what: str) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self._skipping = f"the {what} is not finite"
+
+    def _average_gradients(self, params: list[torch.Tensor], finite_loss: torch.Tensor) -> bool:
+        """Mean of every process's gradients (one flat all-reduce), before clipping and the step;
+        returns whether the role's loss was finite on every process.
 
         Roles run under ``no_sync`` (see :meth:`train_step`): a method may call a role several
         times per step, or backpropagate one loss into one role only (TTUR, GAN heads), which
         DDP's own reducer does not allow; gradients are synchronised here instead, once per
-        optimizer step of the role -- the same mean DDP would compute.
+        optimizer step of the role -- the same mean DDP would compute. The loss check travels in
+        the same all-reduce, so every process skips the same updates.
         """
         if self.accelerator.num_processes == 1:
-            return
+            return bool(finite_loss)
         import torch.distributed as dist
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [(~finite_loss).reshape(1).to(grads[0].device, grads[0].dtype)])
         dist.all_reduce(flat)
-        flat /= self.accelerator.num_processes
+        finite_everywhere = bool(flat[-1] == 0)
+        flat = flat[:-1] / self.accelerator.num_processes
         offset = 0
         for p, g in zip(params, grads):
             p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
             offset += g.numel()
+        return finite_everywhere
 
     def train_step(self, step: int) -> dict[str, float]:
         """All micro-steps of optimizer step ``step``; returns the mean of the method's metrics."""
         self._step_logs: dict[str, float] = {}
+        self._skipping, self._finite_losses = None, {}
         sums: dict[str, float] = {}
         lrs = {f"lr/{name}": scheduler.get_last_lr()[0] for name, scheduler in self.lr_schedulers.items()}  # used by this step
         k = self.config.gradient_accumulation_steps
@@ -327,7 +398,22 @@ class Trainer:
                 metrics = self.method.training_step(StepContext(self, step, micro))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / k
-        return {**sums, **lrs, **self._step_logs}
+        if self._skipping is not None:
+            self._count_skipped(step)
+        return {**sums, **lrs, **self._step_logs, "skipped_steps": float(self.skipped_steps)}
+
+    def _count_skipped(self, step: int) -> None:
+        self.skipped_steps += 1
+        c = self.config
+        if self.skipped_steps > c.max_skipped_steps:
+            latest = latest_checkpoint(self.output_dir)
+            raise TrainingDiverged(
+                f"step {step}: {self._skipping} ({self.skipped_steps} steps skipped, more than training.max_skipped_steps = "
+                f"{c.max_skipped_steps}): stopping; {latest.name if latest else 'no checkpoint yet'} in {self.output_dir} is the "
+                "last good state (lower the learning rates or clip harder with training.max_grad_norm, then --resume)"
+            )
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {step}: {self._skipping}: step skipped ({self.skipped_steps} of at most {c.max_skipped_steps})")
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -341,23 +427,65 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
+        evaluation_due = lambda step: (c.eval_every and step % c.eval_every == 0) or step == c.max_steps  # noqa: E731
         try:
-            for step in range(self.start_step, c.max_steps):
-                logs = self.train_step(step)
-                done = step + 1
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not k.startswith(("lr/", "grad_norm/"))})
-                if done % c.log_every == 0 or done == c.max_steps:
-                    acc.log(_mean_over_processes(acc, logs), step=done)
-                if (c.eval_every and done % c.eval_every == 0) or done == c.max_steps:
-                    self.evaluate(done)
-                if done % c.checkpoint_every == 0 or done == c.max_steps:
-                    save_checkpoint(self, done)
+            with self._stop_signals():
+                if self.start_step > 0 and evaluation_due(self.start_step):  # resumed where an evaluation was due (and may have crashed)
+                    self.evaluate(self.start_step)
+                for step in range(self.start_step, c.max_steps):
+                    logs = self.train_step(step)
+                    done = step + 1
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not k.startswith(("lr/", "grad_norm/", "skipped"))})
+                    if done % c.log_every == 0 or done == c.max_steps:
+                        acc.log(_mean_over_processes(acc, logs), step=done)
+                    stop = self._agreed_stop_signal()
+                    if done % c.checkpoint_every == 0 or done == c.max_steps or stop:
+                        save_checkpoint(self, done)  # before the evaluation: a crash there loses no training
+                    if stop:
+                        name = signal.Signals(stop).name
+                        raise TrainingInterrupted(f"{name} at step {done}: {checkpoint_name(done)} written in {self.output_dir}; "
+                                                  "continue with --resume", stop)
+                    if evaluation_due(done):
+                        self.evaluate(done)
         finally:
             bar.close()
             for tracker in acc.trackers:  # the process group stays up for the caller's export: see finish()
                 tracker.finish()
         return self.last_metrics
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGTERM and SIGINT ask for a checkpoint and a stop at the next step boundary; a second
+        SIGINT interrupts at once. (Only the main thread can take signals: elsewhere, no change.)"""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request(signum, frame):
+            if signum == signal.SIGINT and self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.accelerator.is_main_process:
+                tqdm.write(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again: stop now)")
+
+        previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _agreed_stop_signal(self) -> int | None:
+        """The stop signal any process received (every process stops at the same step)."""
+        signum = self._stop_signal or 0
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([signum], device=self.accelerator.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum or None
 
     def finish(self) -> None:
         """After the run's last collective step (export on the main process, a barrier): end
@@ -370,24 +498,47 @@ class Trainer:
         acc = self.accelerator
         metrics: dict[str, float] = {}
         if acc.is_main_process:
-            generator = torch.Generator().manual_seed(seed_for(self.config.seed, "eval"))
-            with torch.no_grad():
-                samples = self.method.generate_samples(self, self.config.num_eval_samples, generator)
-            if samples is not None:
-                images, labels = samples
-                nrow = 10 if labels is not None else None
-                save_image_grid(images[:100], self.output_dir / "samples" / f"step_{step:08d}.png", nrow=nrow)
-                for evaluator in self.evaluators:
-                    metrics.update({f"eval/{k}": float(v) for k, v in evaluator(images, labels).items()})
-                if metrics:
-                    acc.log(metrics, step=step)
-                    tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                    row = {"step": step, "minutes": (time.perf_counter() - self._began) / 60, **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
-                    with open(self.output_dir / CURVE_FILE, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+            with global_rngs_restored():  # whatever the evaluators draw, the run's RNG states do not depend on evaluations
+                metrics = self._evaluate(step)
         acc.wait_for_everyone()
         self.last_metrics = metrics
         return metrics
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        generator = torch.Generator().manual_seed(seed_for(self.config.seed, "eval"))
+        with torch.no_grad():
+            samples = self.method.generate_samples(self, self.config.num_eval_samples, generator)
+        if samples is None:
+            return metrics
+        images, labels = samples
+        nrow = 10 if labels is not None else None
+        save_image_grid(images[:100], self.output_dir / "samples" / f"step_{step:08d}.png", nrow=nrow)
+        for evaluator in self.evaluators:
+            metrics.update({f"eval/{k}": float(v) for k, v in evaluator(images, labels).items()})
+        if metrics:
+            self.accelerator.log(metrics, step=step)
+            tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            row = {"step": step, "minutes": (time.perf_counter() - self._began) / 60, **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
+            with open(self.output_dir / CURVE_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return metrics
+
+
+@contextlib.contextmanager
+def global_rngs_restored():
+    """Run the body, then put torch's (CPU and CUDA), numpy's and Python's global RNG states back."""
+    import random
+
+    import numpy as np
+
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
 
 
 def lr_lambda(o: OptimizerConfig, max_steps: int) -> Callable[[int], float]:
@@ -427,4 +578,4 @@ def _flat_hparams(info: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-__all__ = ["Evaluator", "Role", "StepContext", "Trainer", "TrainingMethod", "seed_for"]
+__all__ = ["Evaluator", "Role", "StepContext", "Trainer", "TrainingMethod", "seed_for", "seed_run"]
