@@ -5,6 +5,7 @@
     stepdistill train-classifier --output outputs/digits_classifier.safetensors
     stepdistill bench digits [PIPELINE_DIR]
     stepdistill export RUN_DIR OUTPUT_DIR
+    stepdistill plan configs/sdxl_dmd2.yaml --set teacher.path=DIR [--gpus 24 48 80]
     stepdistill curve RUN_DIR [RUN_DIR ...] --output curve.png
     stepdistill sample PIPELINE_DIR --output grid.png
     stepdistill data shapes OUTPUT_DIR [--num-images N] [--seed S]
@@ -46,6 +47,14 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         return
     out = distill(args.recipe, args.output_dir, set_items=args.set, resume=args.resume, overwrite=args.overwrite)
     print(f"student written to {out}")
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from .distillers.plan import plan_recipe
+    from .distillers.registry import load_distill_recipe
+
+    recipe = load_distill_recipe(args.recipe, set_items=args.set)
+    print(plan_recipe(recipe, gpus=args.gpus, headroom=args.headroom, num_processes=args.processes))
 
 
 def _cmd_curve(args: argparse.Namespace) -> None:
@@ -222,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--make-pairs", type=int, default=0, metavar="N",
                    help="instead of training: cache N teacher ODE pairs for DMD's regression loss (dmd.regression_pairs)")
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("plan", help="estimate a distillation recipe's memory per role, before loading any weight",
+                       description="Per role (student, teacher, fake score, discriminator, EMA, text encoders, VAE): parameters, "
+                       "weights, gradients, optimizer states and activations of the recipe's training step, built on the meta device "
+                       "from the teacher directory's config files alone; a verdict per GPU size and the cheapest recipe change that "
+                       "fits. See docs/memory.md.")
+    p.add_argument("recipe", help="YAML distillation recipe, e.g. configs/sdxl_dmd2.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--gpus", type=float, nargs="+", default=[24, 48, 80], help="GPU memory sizes to judge, in GiB")
+    p.add_argument("--headroom", type=float, default=1.2, help="a GPU fits when headroom x peak <= its memory")
+    p.add_argument("--processes", type=int, default=1, help="data-parallel processes sharing training.batch_size")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("curve", help="plot FD against training minutes from distillation runs' curve.jsonl",
                        description="Plot a metric of the periodic evaluation (curve.jsonl) against wall-clock minutes, "

@@ -111,8 +111,8 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # -- export ---------------------------------------------------------------------------------------
 def artefact_dir(method: Distiller, run_dir: str | os.PathLike) -> Path:
-    """``lora/`` for a LoRA student of a latent teacher, ``pipeline/`` otherwise."""
-    return Path(run_dir) / ("lora" if method.lora_student and method.teacher.is_latent else "pipeline")
+    """``lora/`` for a LoRA student exported as a LoRA file (:attr:`Distiller.exports_lora_file`), ``pipeline/`` otherwise."""
+    return Path(run_dir) / ("lora" if method.exports_lora_file else "pipeline")
 
 
 def model_card(method: Distiller, recipe_path) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def export_student(method: Distiller, network: torch.nn.Module, output: str | os
     and any scheduler variants next to it; returns ``output``."""
     network = method.export_network(network)
     out = Path(output)
-    if method.lora_student and method.teacher.is_latent:
+    if method.exports_lora_file:
         return save_student_lora(method.teacher, network, method.scheduler, out, overwrite=overwrite)
     full = merge_lora(network) if has_lora(network) else network
     common = dict(guidance_scale=method.export_guidance_scale, trained_guidance_range=method.trained_guidance_range,
@@ -194,9 +194,11 @@ def distill(
     and validated with it. ``evaluate``: periodic evaluation; ``report``: the end-of-run table
     (default: the recipe's ``evaluation.report``).
     """
+    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     from ..training.trainer import Trainer
+    from .memory import apply_memory_levers, describe_levers
 
     recipe = load_distill_recipe(recipe_path, overrides, set_items)
     output_dir = Path(output_dir)
@@ -206,12 +208,15 @@ def distill(
     teacher = load_recipe_teacher(recipe)
     data = open_run_data(teacher, recipe)
     method = build_method(teacher, recipe, data)
+    levers = apply_memory_levers(method, PartialState().device)  # the recipe's memory: section
     benchmark = run_benchmark(teacher, recipe) if (evaluate or report is not False) else None
     evaluators = [benchmark.evaluator()] if (evaluate and benchmark is not None) else []
     trainer = Trainer(method, recipe.training, output_dir, resume=resume, overwrite=overwrite,
-                      run_info=_run_info(recipe, recipe_path), evaluators=evaluators, progress=progress)
+                      run_info={**_run_info(recipe, recipe_path), "memory": levers}, evaluators=evaluators, progress=progress)
     if trainer.accelerator.is_main_process and progress:
         print(f"stepdistill distill: {recipe.method} student of {recipe.teacher.path} ({teacher.family}); {describe_data(data)}", flush=True)
+    if trainer.accelerator.is_main_process:
+        print(f"stepdistill distill: {describe_levers(levers)}", flush=True)
     began = time.perf_counter()
     final = trainer.train()
     minutes = (time.perf_counter() - began) / 60
