@@ -9,7 +9,8 @@ Trainer places them (``stepdistill distill`` calls :func:`apply_memory_levers`).
 - ``teacher_dtype``: every *frozen* weight of the denoising networks -- the teacher's, and the
   frozen base under a LoRA student or LoRA fake score -- is stored in bf16 / fp16; trained
   weights (full students and fake scores, LoRA adapters) stay fp32 masters that autocast runs
-  in ``training.mixed_precision`` (required). Buffers keep their dtype.
+  in ``training.mixed_precision``. Without mixed precision (``no``) the lever is ignored with a
+  warning (frozen half-precision weights only run under autocast). Buffers keep their dtype.
 - ``release_encoders``: text encoders and VAE do their work once -- every prompt the run will
   read (the condition pool, the real data's captions, the empty prompt) is encoded into the
   teacher's text-embedding cache -- and stay in host memory; the accelerator holds only the
@@ -21,6 +22,7 @@ Trainer places them (``stepdistill distill`` calls :func:`apply_memory_levers`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -101,10 +103,13 @@ def apply_memory_levers(method, device) -> dict[str, Any]:
             network.enable_gradient_checkpointing()
             names.append(type(network).__name__)
         done["gradient_checkpointing"] = names
-    if memory.teacher_dtype is not None:
-        if method.recipe.training.mixed_precision == "no":
-            raise RecipeError(f"memory.teacher_dtype: {memory.teacher_dtype} frozen weights run under autocast: "
-                              "set training.mixed_precision to bf16 or fp16")
+    if memory.teacher_dtype is not None and method.recipe.training.mixed_precision == "no":
+        # frozen bf16 / fp16 weights only run under autocast; a full-precision run (e.g. a CPU
+        # check of a GPU recipe with --set training.mixed_precision=no) keeps them as loaded
+        warnings.warn(f"memory.teacher_dtype: {memory.teacher_dtype} is ignored: frozen weights in {memory.teacher_dtype} "
+                      "need training.mixed_precision bf16 or fp16", UserWarning, stacklevel=2)
+        done["teacher_dtype"] = {"ignored (training.mixed_precision: no)": 0}
+    elif memory.teacher_dtype is not None:
         dtype = DTYPES[memory.teacher_dtype]
         done["teacher_dtype"] = {memory.teacher_dtype: sum(cast_frozen(n, dtype) for n in denoising_networks(method))}
     if memory.release_encoders and method.condition_kind == "text" and method.teacher.is_latent:
@@ -122,7 +127,7 @@ def describe_levers(done: dict[str, Any]) -> str:
         parts.append(f"gradient checkpointing: {', '.join(done['gradient_checkpointing']) or 'no trained network'}")
     if "teacher_dtype" in done:
         (name, count), = done["teacher_dtype"].items()
-        parts.append(f"frozen weights in {name}: {count / 1e6:.1f} M parameters")
+        parts.append(f"frozen weights in {name}: {count:,} parameters" if count else f"teacher_dtype {name}")
     if "release_encoders" in done:
         r = done["release_encoders"]
         parts.append(f"encoders in host memory ({r['cached_prompts']} prompts cached, {r['cache_bytes'] / 2**20:.1f} MiB)")

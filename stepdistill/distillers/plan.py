@@ -395,12 +395,15 @@ def _cheapest_change(recipe, configs, budget, estimate, changed) -> Change | Non
             return found
     if (found := with_accumulation([], {})) is not None:
         return found
-    names, stacked = [], {}
+    names, stacked, peak = [], {}, estimate(recipe).peak
     for lever in LEVERS:
         sets = lever.sets(changed(stacked), configs)
         if not sets:
             continue
-        names, stacked = names + [lever.name], {**stacked, **sets}
+        result = estimate(changed({**stacked, **sets}))
+        if result.peak > 0.99 * peak:  # saves (almost) nothing on top of the others: not part of the change
+            continue
+        names, stacked, peak = names + [lever.name], {**stacked, **sets}, result.peak
         if (found := attempt(names, stacked)) is not None:
             return found
     return with_accumulation(names, stacked)
