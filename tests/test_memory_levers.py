@@ -27,6 +27,7 @@ from stepdistill.config import TrainingConfig, from_dict
 from stepdistill.distillers.base import RunData
 from stepdistill.distillers.distribution_matching import DMDRecipe, DistributionMatchingMethod
 from stepdistill.distillers.memory import apply_memory_levers
+from stepdistill.errors import RecipeError
 from stepdistill.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -211,3 +212,17 @@ def test_every_run_logs_its_attention_backend(tmp_path, capsys):
     assert main(args) == 0
     assert "stepdistill distill: attention: sdpa" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "run.json").read_text())["memory"]["attention"] == "sdpa"
+
+
+def test_sharded_training_is_refused_with_one_line(tmp_path, monkeypatch):
+    """accelerate FSDP / DeepSpeed: the Trainer refuses before writing anything (on CPU accelerate
+    runs an FSDP launch as MULTI_CPU, so the type is patched here)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    method = consistency(tiny_pixel_teacher(), torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8) % 10)
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self, kind=kind: kind))
+        with pytest.raises(RecipeError, match=f"accelerate {kind.value} is not supported: the Trainer steps one role at a time"):
+            Trainer(method, TrainingConfig(max_steps=1, batch_size=8), tmp_path / "run", log_with=None, progress=False)
+        assert not (tmp_path / "run").exists()
