@@ -2,7 +2,8 @@
 
 diffusers' attention processors call ``torch.nn.functional.scaled_dot_product_attention``
 (SDPA) by default: flash / memory-efficient kernels on GPUs, the flash kernel on CPUs. xformers
-is an optional package (CUDA only; install it against your torch build, README "xformers").
+is an optional package (CUDA only; install a build that matches your torch, README "xformers":
+there is no pip extra for it, since a bare ``pip install xformers`` may replace your torch).
 The recipe switch ``memory.attention`` picks the backend:
 
 - ``auto``: xformers when the package is importable and the run's device is CUDA, else SDPA;
@@ -24,7 +25,14 @@ BACKENDS = ("auto", "sdpa", "xformers")
 
 
 def xformers_installed() -> bool:
-    return importlib.util.find_spec("xformers") is not None
+    """xformers imports with its kernels (a wheel built for another torch fails here)."""
+    if importlib.util.find_spec("xformers") is None:
+        return False
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or the C++ extension built against another torch
+        return False
+    return True
 
 
 def xformers_usable(device) -> bool:

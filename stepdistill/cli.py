@@ -4,6 +4,7 @@
     stepdistill distill configs/digits_dmd2.yaml --output-dir runs/digits_dmd2 [--set key.sub=value ...]
     stepdistill train-classifier --output outputs/digits_classifier.safetensors
     stepdistill bench digits [PIPELINE_DIR]
+    stepdistill bench overhead RECIPE [--set key.sub=value ...]
     stepdistill export RUN_DIR OUTPUT_DIR
     stepdistill plan configs/sdxl_dmd2.yaml --set teacher.path=DIR [--gpus 24 48 80]
     stepdistill curve RUN_DIR [RUN_DIR ...] --output curve.png
@@ -78,6 +79,13 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    if args.benchmark == "overhead":
+        from .distillers.overhead import bench_overhead
+
+        if args.pipeline_dir is None:
+            raise StepdistillError("bench overhead needs a distillation RECIPE (e.g. configs/sd15_dmd2.yaml --set teacher.path=DIR)")
+        print(bench_overhead(args.pipeline_dir, set_items=args.set, rounds=args.rounds))
+        return
     from .digits.bench import format_table, run_bench
 
     results = run_bench(
@@ -264,8 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a reference benchmark (digits) on a pipeline directory",
                        description="FD and class accuracy at several step counts, with and without CFG, the noise "
                        "floor, and images/second. Writes bench.json and bench.md.")
-    p.add_argument("benchmark", choices=["digits"], help="which benchmark")
-    p.add_argument("pipeline_dir", nargs="?", default=None, help="diffusers pipeline directory (default: the shipped digits teacher)")
+    p.add_argument("benchmark", choices=["digits", "overhead"],
+                   help="digits: the reference benchmark of a pipeline; overhead: a distillation recipe's training iteration "
+                   "against its networks' bare forward+backward passes")
+    p.add_argument("pipeline_dir", nargs="?", default=None, metavar="PIPELINE_DIR | RECIPE",
+                   help="digits: diffusers pipeline directory (default: the shipped digits teacher); overhead: a distillation recipe")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="overhead: " + set_help)
+    p.add_argument("--rounds", type=int, default=3, help="overhead: timed iterations, alternating with bare replays (medians)")
     p.add_argument("--output-dir", default="outputs/bench", help="where bench.json and bench.md are written")
     p.add_argument("--num-samples", type=int, default=2000, help="samples per configuration (compare FD only at equal N)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10, 50], help="step counts")

@@ -6,7 +6,8 @@ directories made of them: what `stepdistill plan` reads.
 - black-forest-labs/FLUX.1-dev: transformer, text_encoder (CLIP-L), text_encoder_2 (T5 v1.1 XXL
   encoder), vae (16 latent channels);
 - stabilityai/stable-diffusion-3-medium-diffusers: transformer, text_encoder / text_encoder_2 (CLIP-L
-  and CLIP-G with projection), text_encoder_3 (T5 v1.1 XXL encoder), vae (16 latent channels).
+  and CLIP-G with projection), text_encoder_3 (T5 v1.1 XXL encoder), vae (16 latent channels);
+- facebook/DiT-XL-2-256: transformer, vae (sd-vae-ft-ema).
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ VAE_16CH = {  # Flux / SD3's AutoencoderKL (no quant convs; scaling and shift fa
     "use_post_quant_conv": False,
 }
 
+# facebook/DiT-XL-2-256: 749.8 M parameters in diffusers' layout, where each of the 28 blocks keeps its
+# own timestep + label embedder (2.78 M each); the paper's 675 M counts them once
+DIT_XL_2_256_TRANSFORMER = {
+    "_class_name": "DiTTransformer2DModel", "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 72,
+    "dropout": 0.0, "in_channels": 4, "norm_elementwise_affine": False, "norm_type": "ada_norm_zero", "num_attention_heads": 16,
+    "num_embeds_ada_norm": 1000, "num_layers": 28, "out_channels": 8, "patch_size": 2, "sample_size": 32,
+    "upcast_attention": False,
+}
+VAE_SD = {  # stabilityai/sd-vae-ft-ema (DiT's VAE)
+    **VAE_4CH, "sample_size": 256, "scaling_factor": 0.18215, "force_upcast": True,
+}
+
 # published parameter counts the configs must reproduce on the meta device
 PUBLISHED = {"SDXL_UNET": 2.57e9, "FLUX_DEV_TRANSFORMER": 11.9e9, "SD3_MEDIUM_TRANSFORMER": 2.03e9,
              "CLIP_L_TEXT": 123.06e6, "CLIP_G_TEXT": 694.66e6, "T5_XXL_ENCODER": 4.762e9, "VAE_4CH": 83.65e6}
@@ -85,6 +98,7 @@ TEACHERS = {
                                          "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G_TEXT),
                                          "text_encoder_3": ("T5EncoderModel", T5_XXL_ENCODER),
                                          "vae": {**VAE_16CH, "scaling_factor": 1.5305, "shift_factor": 0.0609}}),
+    "dit": ("DiTPipeline", {"transformer": DIT_XL_2_256_TRANSFORMER, "vae": VAE_SD}),
 }
 
 

@@ -92,6 +92,7 @@ def check_resume(output_dir: Path, recipe: DistillRecipe) -> None:
     before = json.loads(run_file.read_text()).get("recipe")
     if before is None:
         return
+    before = to_dict(load_distill_recipe(before))  # with the defaults of sections added since (memory:)
     changed = [k for k in sorted(set(_flat(before)) | set(_flat(to_dict(recipe))))
                if _flat(before).get(k) != _flat(to_dict(recipe)).get(k) and k not in RESUMABLE_CHANGES]
     if changed:
