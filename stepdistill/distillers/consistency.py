@@ -230,7 +230,8 @@ class ConsistencyDistillation(Distiller):
         else:
             exported = self.sampler.timesteps.float()
             if any(bool((self.grid - t).abs().min() > 1e-3) for t in exported):
-                hint = " (flow teachers: student.num_steps must divide num_solver_steps)" if self.schedule.kind == "flow" else ""
+                hint = (" (flow teachers: Flux needs student.num_steps to divide num_solver_steps; SD3, whose pipeline passes "
+                        "no sigmas, needs num_steps - 1 to divide num_solver_steps - 1)") if self.schedule.kind == "flow" else ""
                 raise RecipeError(f"the exported {self.num_steps}-step timesteps {exported.tolist()} are not on the solver grid{hint}")
         self.sampler.check_timesteps(recipe.student.timesteps)
 

@@ -69,7 +69,7 @@ class MemorySection:
     RECIPE` estimates what each saves, docs/memory.md)."""
 
     gradient_checkpointing: bool = False  # the trained networks recompute activations in backward (less memory, more compute)
-    teacher_dtype: Optional[Literal["bf16", "fp16"]] = None  # frozen denoiser weights (teacher, LoRA bases); trained weights stay fp32; needs training.mixed_precision
+    teacher_dtype: Optional[Literal["bf16", "fp16"]] = None  # frozen denoiser weights (teacher, LoRA bases); trained weights stay fp32; ignored (warning) without training.mixed_precision
     release_encoders: bool = False  # text encoders (and the VAE unless real images are encoded every step) stay in host memory after filling the caches
     attention: Literal["auto", "sdpa", "xformers"] = "auto"  # auto: xformers where installed and on CUDA, else PyTorch SDPA
 
