@@ -61,7 +61,9 @@ class TeacherConfigs:
         return 2 ** (len(vae["block_out_channels"]) - 1) if vae else 1
 
     def default_size(self) -> int:
-        size = self.denoiser.get("sample_size") or 64
+        """Pixels the stock pipeline makes by default: the denoiser's ``sample_size`` latents
+        (FluxPipeline: 128, its transformer config has none)."""
+        size = 128 if self.family == "flux" else (self.denoiser.get("sample_size") or 64)
         size = size[0] if isinstance(size, (list, tuple)) else size
         return int(size) * self.vae_scale_factor
 
@@ -325,11 +327,24 @@ def _workload_args(recipe: DistillRecipe, configs: TeacherConfigs, num_processes
     t = recipe.teacher
     size = configs.default_size()
     height, width = t.height or size, t.width or size
+    latents = _cached_latent_size(recipe)
+    if latents is not None:  # consistency distillation trains at its real latents' resolution
+        height, width = latents[0] * configs.vae_scale_factor, latents[1] * configs.vae_scale_factor
     micro = recipe.training.batch_size // (recipe.training.gradient_accumulation_steps * num_processes)
     if micro < 1:
         raise RecipeError(f"training.batch_size {recipe.training.batch_size} is smaller than gradient_accumulation_steps x processes")
     f = configs.vae_scale_factor
     return height, width, micro, Workload(micro, height // f, width // f, configs.text_tokens)
+
+
+def _cached_latent_size(recipe: DistillRecipe) -> tuple[int, int] | None:
+    """(h, w) of the recipe's latent cache for LCM / PCM (its header only), when it exists."""
+    if getattr(recipe, "consistency", None) is None or not recipe.data.latents or not os.path.exists(recipe.data.latents):
+        return None
+    from ..data import ShardedTensors
+
+    shape = ShardedTensors(recipe.data.latents).shape("latents")
+    return int(shape[-2]), int(shape[-1])
 
 
 def plan_recipe(recipe: DistillRecipe, *, gpus: Sequence[float] = GPU_SIZES_GIB, headroom: float = DEFAULT_HEADROOM,
