@@ -4,8 +4,10 @@
     stepdistill distill configs/digits_dmd2.yaml --output-dir runs/digits_dmd2 [--set key.sub=value ...]
     stepdistill train-classifier --output outputs/digits_classifier.safetensors
     stepdistill bench digits [PIPELINE_DIR]
+    stepdistill bench overhead RECIPE [--set key.sub=value ...]
     stepdistill export RUN_DIR OUTPUT_DIR
     stepdistill hybrid STUDENT_DIR OUTPUT_DIR --teacher digits --teacher-steps 1
+    stepdistill plan configs/sdxl_dmd2.yaml --set teacher.path=DIR [--gpus 24 48 80]
     stepdistill curve RUN_DIR [RUN_DIR ...] --output curve.png
     stepdistill sample PIPELINE_DIR --output grid.png
     stepdistill data shapes OUTPUT_DIR [--num-images N] [--seed S]
@@ -63,6 +65,14 @@ def _cmd_hybrid(args: argparse.Namespace) -> None:
     print(f"hybrid pipeline written to {out}")
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from .distillers.plan import plan_recipe
+    from .distillers.registry import load_distill_recipe
+
+    recipe = load_distill_recipe(args.recipe, set_items=args.set)
+    print(plan_recipe(recipe, gpus=args.gpus, headroom=args.headroom, num_processes=args.processes))
+
+
 def _cmd_curve(args: argparse.Namespace) -> None:
     from .evaluation.report import save_training_curves
 
@@ -84,6 +94,13 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    if args.benchmark == "overhead":
+        from .distillers.overhead import bench_overhead
+
+        if args.pipeline_dir is None:
+            raise StepdistillError("bench overhead needs a distillation RECIPE (e.g. configs/sd15_dmd2.yaml --set teacher.path=DIR)")
+        print(bench_overhead(args.pipeline_dir, set_items=args.set, rounds=args.rounds))
+        return
     from .digits.bench import format_table, run_bench
 
     results = run_bench(
@@ -256,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=_cmd_hybrid)
 
+    p = sub.add_parser("plan", help="estimate a distillation recipe's memory per role, before loading any weight",
+                       description="Per role (student, teacher, fake score, discriminator, EMA, text encoders, VAE): parameters, "
+                       "weights, gradients, optimizer states and activations of the recipe's training step, built on the meta device "
+                       "from the teacher directory's config files alone; a verdict per GPU size and the cheapest recipe change that "
+                       "fits. See docs/memory.md.")
+    p.add_argument("recipe", help="YAML distillation recipe, e.g. configs/sdxl_dmd2.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--gpus", type=float, nargs="+", default=[24, 48, 80], help="GPU memory sizes to judge, in GiB")
+    p.add_argument("--headroom", type=float, default=1.2, help="a GPU fits when headroom x peak <= its memory")
+    p.add_argument("--processes", type=int, default=1, help="data-parallel processes sharing training.batch_size")
+    p.set_defaults(func=_cmd_plan)
+
     p = sub.add_parser("curve", help="plot FD against training minutes from distillation runs' curve.jsonl",
                        description="Plot a metric of the periodic evaluation (curve.jsonl) against wall-clock minutes, "
                        "one line per run directory.")
@@ -276,8 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a reference benchmark (digits) on a pipeline directory",
                        description="FD and class accuracy at several step counts, with and without CFG, the noise "
                        "floor, and images/second. Writes bench.json and bench.md.")
-    p.add_argument("benchmark", choices=["digits"], help="which benchmark")
-    p.add_argument("pipeline_dir", nargs="?", default=None, help="diffusers pipeline directory (default: the shipped digits teacher)")
+    p.add_argument("benchmark", choices=["digits", "overhead"],
+                   help="digits: the reference benchmark of a pipeline; overhead: a distillation recipe's training iteration "
+                   "against its networks' bare forward+backward passes")
+    p.add_argument("pipeline_dir", nargs="?", default=None, metavar="PIPELINE_DIR | RECIPE",
+                   help="digits: diffusers pipeline directory (default: the shipped digits teacher); overhead: a distillation recipe")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="overhead: " + set_help)
+    p.add_argument("--rounds", type=int, default=3, help="overhead: timed iterations, alternating with bare replays (medians)")
     p.add_argument("--output-dir", default="outputs/bench", help="where bench.json and bench.md are written")
     p.add_argument("--num-samples", type=int, default=2000, help="samples per configuration (compare FD only at equal N)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10, 50], help="step counts")

@@ -356,7 +356,7 @@ def test_flux_lcm_grid_is_the_pipelines_own_sigmas_and_export_reproduces_the_stu
 
     assert method.grid.tolist() == pytest.approx(pipeline_timesteps(stock, 8), abs=1e-3)
     assert method.grid[0] == 1000.0 and method.grid[-1] > 0  # shifted sigmas * 1000, the end (0) excluded
-    with pytest.raises(RecipeError, match="must divide num_solver_steps"):
+    with pytest.raises(RecipeError, match="to divide num_solver_steps"):
         consistency(teacher, data, ["a"] * 4, steps=3, num_solver_steps=8)
     with pytest.raises(RecipeError, match="needs a UNet"):
         consistency(teacher, data, ["a"] * 4, steps=2, num_solver_steps=8, guidance_range=(1.0, 2.0), w_embedding=True)

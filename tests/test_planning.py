@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,36 +19,11 @@ from stepdistill.planning.roles import build_module
 from stepdistill.planning.rss import estimated_increase, measure_training_steps
 
 BF16 = torch.bfloat16
+sys.path.insert(0, str(Path(__file__).parent))
 
-# The config.json files of the published checkpoints (stabilityai/stable-diffusion-xl-base-1.0
-# unet, black-forest-labs/FLUX.1-dev transformer, stabilityai/stable-diffusion-3-medium-diffusers
-# transformer), as dicts: no weights are needed.
-SDXL_UNET = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280], "center_input_sample": False, "class_embed_type": None,
-    "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048,
-    "cross_attention_norm": None, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
-    "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default", "sample_size": 128, "time_cond_proj_dim": None, "time_embedding_act_fn": None,
-    "time_embedding_dim": None, "time_embedding_type": "positional", "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None, "use_linear_projection": True,
-}
-FLUX_DEV_TRANSFORMER = {
-    "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "guidance_embeds": True, "in_channels": 64,
-    "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38, "patch_size": 1,
-    "pooled_projection_dim": 768,
-}
-SD3_MEDIUM_TRANSFORMER = {
-    "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 1536, "in_channels": 16,
-    "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2,
-    "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "sample_size": 128,
-}
+# the published config.json files (stabilityai/stable-diffusion-xl-base-1.0 unet, FLUX.1-dev and SD3-medium transformers)
+from realsize_configs import FLUX_DEV_TRANSFORMER, SD3_MEDIUM_TRANSFORMER, SDXL_UNET  # noqa: E402
+
 TINY_UNET = {  # 0.5 M parameters: a two-level SD-style UNet
     "_class_name": "UNet2DConditionModel", "block_out_channels": [16, 32], "layers_per_block": 1,
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -133,10 +110,10 @@ def test_bytes_per_role():
     # full, mixed precision: fp32 master + grads + 2 AdamW states + EMA, bf16 autocast copy, foreach scratch
     assert (student.weights, student.grads, student.optimizer_states, student.ema) == (4 * n, 4 * n, 8 * n, 4 * n)
     assert student.cast_copy == 2 * n and student.optimizer_scratch == 4 * n
-    # LoRA on the teacher's weights: only the adapters cost weights; the Trainer's EMA copies the whole module
+    # LoRA on the teacher's weights: only the adapters cost weights; the Trainer's EMA shares the frozen base
     lora = fake.parameters.lora
     assert fake.parameters.base == n and fake.parameters.trainable == lora > 0
-    assert fake.weights == 4 * lora and fake.grads == 4 * lora and fake.ema == 2 * n + 4 * lora
+    assert fake.weights == 4 * lora and fake.grads == 4 * lora and fake.ema == 4 * lora
     assert est.resident == teacher.resident + student.resident + fake.resident
     assert est.peak == est.resident + max(p.peak for p in est.phases)
     assert [p.role for p in est.phases] == ["student", "fake"]

@@ -11,6 +11,7 @@ network, so it exports the online student).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..training.trainer import Trainer, TrainingMethod
+from ..training.trainer import Role, Trainer, TrainingMethod
 from .common import has_lora
 from .recipe import DistillRecipe
 from .run_data import ConditionPool, RealSamples, condition_kind, in_memory_samples
-from .student import StudentSampler, with_network
+from .student import StudentSampler, denoiser_name, with_network
 
 
 @dataclass
@@ -62,6 +63,27 @@ class Distiller(TrainingMethod):
         self.scheduler = None  # set by subclasses: the scheduler the student is exported with
         self.num_steps = recipe.student.num_steps
         self.sampler: StudentSampler
+
+    # -- where the frozen teacher lives ---------------------------------------------------------
+    def teacher_on_device(self) -> nn.Module:
+        """The part of the teacher the accelerator holds: all of it, or with
+        ``memory.release_encoders`` its denoiser alone (plus the VAE when real images are
+        VAE-encoded every step); text encoders then stay in host memory (stepdistill/distillers/memory.py)."""
+        if not (self.recipe.memory.release_encoders and self.teacher.is_latent):
+            return self.teacher
+        parts = {"denoiser": getattr(self.teacher, denoiser_name(self.teacher))}
+        if self.real is not None and self.real.dataset is not None:
+            parts["vae"] = self.teacher.vae
+        return nn.ModuleDict(parts)
+
+    def teacher_role(self) -> Role:
+        """The frozen "teacher" role (when no trained role runs on the teacher's own weights)."""
+        return Role(self.teacher_on_device())
+
+    def place_teacher(self, device) -> None:
+        """Put :meth:`teacher_on_device` on ``device``: for a teacher that is no role of its own
+        (a LoRA on its weights is trained), called at each step (a no-op once there)."""
+        self.teacher_on_device().to(device)
 
     # -- guidance of the exported student -------------------------------------------------------
     @property
@@ -110,8 +132,10 @@ class Distiller(TrainingMethod):
         out = []
         for start in range(0, num_samples, 256):
             idx = torch.arange(start, min(start + 256, num_samples)) % len(self.pool)
-            x = self.sample(network, noise[start : start + len(idx)], self.pool.index(idx.to(device)), generator=generator)
-            x = self.teacher.vae_decode(x) if self.teacher.is_latent else x
+            # frozen weights stored in memory.teacher_dtype run under the training autocast
+            with trainer.accelerator.autocast() if self.recipe.memory.teacher_dtype else contextlib.nullcontext():
+                x = self.sample(network, noise[start : start + len(idx)], self.pool.index(idx.to(device)), generator=generator)
+            x = self.teacher.vae_decode(x.float()) if self.teacher.is_latent else x
             out.append(x.float().clamp(-1, 1).cpu())
         labels = self.pool.raw(torch.arange(num_samples) % len(self.pool)) if self.condition_kind == "class" else None
         return torch.cat(out), labels
@@ -130,6 +154,16 @@ class Distiller(TrainingMethod):
     @property
     def lora_student(self) -> bool:
         return has_lora(self.student)
+
+    @property
+    def exports_lora_file(self) -> bool:
+        """A LoRA student of a latent teacher whose stock pipeline loads LoRA files
+        (``load_lora_weights``) is exported as one; others (pixel, DiT) as a merged pipeline."""
+        if not (self.lora_student and self.teacher.is_latent):
+            return False
+        import diffusers
+
+        return hasattr(getattr(diffusers, self.teacher.pipeline_class_name, None), "load_lora_weights")
 
 
 class StagedDistillation:

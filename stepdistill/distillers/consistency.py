@@ -54,7 +54,7 @@ from ..errors import RecipeError, StepdistillError
 from ..export import make_student_scheduler, student_timesteps
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
-from .common import add_lora
+from .common import add_lora, lora_disabled
 from .recipe import DistillRecipe, lora_targets
 from .student import StudentSampler, denoiser_name, pipeline_timestep_kwargs, with_network
 
@@ -238,18 +238,22 @@ class ConsistencyDistillation(Distiller):
         else:
             exported = self.sampler.timesteps.float()
             if any(bool((self.grid - t).abs().min() > 1e-3) for t in exported):
-                hint = " (flow teachers: student.num_steps must divide num_solver_steps)" if self.schedule.kind == "flow" else ""
+                hint = (" (flow teachers: Flux needs student.num_steps to divide num_solver_steps; SD3, whose pipeline passes "
+                        "no sigmas, needs num_steps - 1 to divide num_solver_steps - 1)") if self.schedule.kind == "flow" else ""
                 raise RecipeError(f"the exported {self.num_steps}-step timesteps {exported.tolist()} are not on the solver grid{hint}")
         self.sampler.check_timesteps(recipe.student.timesteps)
 
         network = getattr(teacher, denoiser_name(teacher))
         self.w_input = None
+        # LCM-LoRA without a w-embedding: the LoRA goes on the teacher's own frozen weights (no
+        # second copy in memory); the teacher's solver step runs them with the adapter disabled.
+        self.shares_teacher_weights = recipe.student.lora_rank > 0 and not s.w_embedding
         if s.w_embedding:
             student = w_conditioned_copy(network, s.w_embedding_dim)
             self.w_input = _GuidanceInput(s.w_embedding_dim)
             student.register_forward_pre_hook(self.w_input, with_kwargs=True)
         else:
-            student = copy.deepcopy(network)
+            student = network if self.shares_teacher_weights else copy.deepcopy(network)
         self.ema = recipe.ema
         if recipe.student.lora_rank > 0:
             add_lora(student, recipe.student.lora_rank, lora_targets(self.family, recipe.student.lora_target_modules), what="student")
@@ -263,7 +267,10 @@ class ConsistencyDistillation(Distiller):
         unknown = set(opts) - {"student"}
         if unknown:
             raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)}; consistency distillation trains one role: student")
-        return {"student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.ema), "teacher": Role(self.teacher)}
+        roles = {"student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.ema)}
+        if not self.shares_teacher_weights:
+            roles["teacher"] = self.teacher_role()
+        return roles
 
     def timestep_kwargs(self, num_steps: int) -> dict:
         """``set_timesteps`` arguments of the stock pipeline at this resolution (Flux: mu, sigmas)."""
@@ -294,17 +301,23 @@ class ConsistencyDistillation(Distiller):
     def _bc(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.device, torch.float32)
 
+    def teacher_weights(self):
+        """Context in which the teacher's network is the teacher: its LoRA (the student) disabled when they share weights."""
+        return lora_disabled(self.student) if self.shares_teacher_weights else contextlib.nullcontext()
+
     @torch.no_grad()
     def solver_step(self, x_t, t, s, cond, w):
         """x̂_s: one DDIM (VP) / Euler (flow) step of the teacher's CFG-guided ODE from t to s (LCM eq. 8)."""
-        cond_out = self.teacher.guided_output(x_t, t, cond, 1.0).float()
+        with self.teacher_weights():
+            cond_out = self.teacher.guided_output(x_t, t, cond, 1.0).float()
         if bool((w != 1).any()):
             from ..teachers.base import Conditioning
 
             if cond.uncond is None:
                 raise RecipeError("consistency.guidance_range above 1 needs a teacher with an unconditional branch (CFG)")
             uncond = Conditioning(cond=cond.uncond, extra=cond.extra)
-            uncond_out = self.teacher.guided_output(x_t, t, uncond, 1.0).float()
+            with self.teacher_weights():
+                uncond_out = self.teacher.guided_output(x_t, t, uncond, 1.0).float()
             cond_out = uncond_out + self._bc(w, x_t) * (cond_out - uncond_out)
         x0, eps = self.schedule.to_x0_eps(cond_out, x_t.float(), t, self.prediction_type)
         a, sg = self.alpha_sigma(s)
@@ -339,6 +352,8 @@ class ConsistencyDistillation(Distiller):
 
     # -- one step ------------------------------------------------------------------------------
     def training_step(self, ctx: StepContext) -> dict[str, Any]:
+        if self.shares_teacher_weights:
+            self.place_teacher(ctx.device)
         flips = ctx.rand() < 0.5 if self.real.random_flip else None
         x0, cond = self.real.batch(ctx.sample_indices(len(self.real)), ctx.device, flips=flips)
         n = ctx.randint(0, len(self.grid))

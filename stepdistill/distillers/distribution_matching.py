@@ -181,7 +181,7 @@ class DistributionMatchingMethod(Distiller):
         if self.gan:
             roles["discriminator"] = Role(self.discriminator, optimizer=opts.get("discriminator", OptimizerConfig()))
         if not self.shared_fake:
-            roles["teacher"] = Role(self.teacher)
+            roles["teacher"] = self.teacher_role()
         return roles
 
     # -- pieces -------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class DistributionMatchingMethod(Distiller):
     def training_step(self, ctx: StepContext) -> dict[str, Any]:
         d, logs = self.dmd, {}
         if self.shared_fake:
-            self.teacher.to(ctx.device)
+            self.place_teacher(ctx.device)
         B = ctx.local_batch_size
         cond = self.pool.index(ctx.randint(0, len(self.pool)))
         noise = ctx.randn(*self.shape)

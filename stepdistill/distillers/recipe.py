@@ -12,6 +12,7 @@ method, and each method adds its own section (``dmd:``, ``consistency:``, ...)::
     optimizers:   {student: {lr, ...}, fake_score: {...}}        # AdamW per role
     ema:          {decay}                                        # of the student; null: none
     evaluation:   {feature, reference, benchmark, ...}           # periodic FD and the end-of-run table
+    memory:       {gradient_checkpointing, teacher_dtype, ...}   # memory levers (docs/memory.md)
 
 Guidance convention everywhere: ``uncond + w (cond - uncond)``; ``w = 1`` is no guidance.
 """
@@ -19,7 +20,7 @@ Guidance convention everywhere: ``uncond + w (cond - uncond)``; ``w = 1`` is no 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from ..config import EMAConfig, OptimizerConfig, TrainingConfig, bounded
 from ..evaluation.benchmarks import EvaluationSection
@@ -63,6 +64,17 @@ class DataSection:
 
 
 @dataclass
+class MemorySection:
+    """Memory levers every distiller honours (stepdistill/distillers/memory.py; `stepdistill plan
+    RECIPE` estimates what each saves, docs/memory.md)."""
+
+    gradient_checkpointing: bool = False  # the trained networks recompute activations in backward (less memory, more compute)
+    teacher_dtype: Optional[Literal["bf16", "fp16"]] = None  # frozen denoiser weights (teacher, LoRA bases); trained weights stay fp32; ignored (warning) without training.mixed_precision
+    release_encoders: bool = False  # text encoders (and the VAE unless real images are encoded every step) stay in host memory after filling the caches
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"  # auto: xformers where installed and on CUDA, else PyTorch SDPA
+
+
+@dataclass
 class DistillRecipe:
     """Sections shared by every distiller; a method's recipe class adds its own section."""
 
@@ -74,6 +86,7 @@ class DistillRecipe:
     optimizers: dict[str, OptimizerConfig] = field(default_factory=dict)
     ema: Optional[EMAConfig] = field(default_factory=EMAConfig)  # of the student; null: none
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    memory: MemorySection = field(default_factory=MemorySection)
 
 
 DEFAULT_LORA_TARGETS = {
@@ -96,6 +109,7 @@ __all__ = [
     "DataSection",
     "DistillRecipe",
     "EvaluationSection",
+    "MemorySection",
     "StudentSection",
     "TeacherSection",
     "lora_targets",

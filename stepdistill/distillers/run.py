@@ -121,8 +121,8 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # -- export ---------------------------------------------------------------------------------------
 def artefact_dir(method: Distiller, run_dir: str | os.PathLike) -> Path:
-    """``lora/`` for a LoRA student of a latent teacher, ``pipeline/`` otherwise."""
-    return Path(run_dir) / ("lora" if method.lora_student and method.teacher.is_latent else "pipeline")
+    """``lora/`` for a LoRA student exported as a LoRA file (:attr:`Distiller.exports_lora_file`), ``pipeline/`` otherwise."""
+    return Path(run_dir) / ("lora" if method.exports_lora_file else "pipeline")
 
 
 def model_card(method: Distiller, recipe_path) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def export_student(method: Distiller, network: torch.nn.Module, output: str | os
     and any scheduler variants next to it; returns ``output``."""
     network = method.export_network(network)
     out = Path(output)
-    if method.lora_student and method.teacher.is_latent:
+    if method.exports_lora_file:
         return save_student_lora(method.teacher, network, method.scheduler, out, num_steps=method.num_steps,
                                  guidance_scale=method.export_guidance_scale, model_card_info=card, metrics=metrics,
                                  metrics_command=metrics_command, overwrite=overwrite)
@@ -245,7 +245,10 @@ def distill(
 
 def _distill(recipe: DistillRecipe, recipe_path, output_dir: Path, *, resume: bool, overwrite: bool, progress: bool,
              evaluate: bool, report: bool | None) -> Path:
+    from accelerate import PartialState
+
     from ..training.trainer import Trainer
+    from .memory import apply_memory_levers, describe_levers
 
     teacher = load_recipe_teacher(recipe)
     data = open_run_data(teacher, recipe)
@@ -256,10 +259,13 @@ def _distill(recipe: DistillRecipe, recipe_path, output_dir: Path, *, resume: bo
     if isinstance(method, StagedDistillation):
         return _distill_stages(method, recipe_path, output_dir, resume=resume, overwrite=overwrite, progress=progress,
                                evaluators=evaluators, benchmark=benchmark if do_report else None, data=data)
+    levers = apply_memory_levers(method, PartialState().device)  # the recipe's memory: section
     trainer = Trainer(method, recipe.training, output_dir, resume=resume, overwrite=overwrite,
-                      run_info=_run_info(recipe, recipe_path), evaluators=evaluators, progress=progress)
+                      run_info={**_run_info(recipe, recipe_path), "memory": levers}, evaluators=evaluators, progress=progress)
     if trainer.accelerator.is_main_process and progress:
         print(f"stepdistill distill: {recipe.method} student of {recipe.teacher.path} ({teacher.family}); {describe_data(data)}", flush=True)
+    if trainer.accelerator.is_main_process and progress:
+        print(f"stepdistill distill: {describe_levers(levers)}", flush=True)
     out = _train_and_export(method, trainer, output_dir, recipe_path)
     if trainer.accelerator.is_main_process and do_report and out.name == "pipeline":
         print(benchmark.report(out, method, output_dir / "report", progress=progress))
@@ -298,6 +304,7 @@ def _distill_stages(staged: StagedDistillation, recipe_path, output_dir: Path, *
     from accelerate.utils import set_seed
 
     from ..training.trainer import Trainer
+    from .memory import apply_memory_levers
 
     recipe = staged.recipe
     state = PartialState()
@@ -311,7 +318,8 @@ def _distill_stages(staged: StagedDistillation, recipe_path, output_dir: Path, *
         set_seed(recipe.training.seed + index)  # what a stage draws while it is built does not depend on the stages before it
         method = staged.build_stage(index, previous)
         stage_dir = output_dir / name
-        info = {**_run_info(recipe, recipe_path), "stage": name, "stage_index": index}  # the whole recipe: `export` of a stage directory rebuilds it
+        levers = apply_memory_levers(method, state.device)  # the recipe's memory: section, per stage
+        info = {**_run_info(recipe, recipe_path), "stage": name, "stage_index": index, "memory": levers}  # the whole recipe: `export` of a stage directory rebuilds it
         trainer = Trainer(method, staged.stage_training(index), stage_dir, resume=resume, run_info=info, evaluators=evaluators, progress=progress)
         if state.is_main_process and progress:
             print(f"stage {index + 1}/{len(staged.stage_names)} {name}: {method.num_steps}-step student", flush=True)

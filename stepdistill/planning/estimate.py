@@ -107,17 +107,24 @@ def estimate_role(spec: RoleSpec, workload: Workload, cache: dict | None = None)
     p_size = torch.empty((), dtype=spec.param_dtype).element_size()
     n_trained = sum(p.numel() for p in trained)
 
-    base_bytes = 0 if spec.shares_weights_with else _nbytes(base) + _nbytes(module.buffers())
+    if spec.frozen_dtype is not None:  # stored in another dtype than the network computes in
+        f_size = torch.empty((), dtype=spec.frozen_dtype).element_size()
+        base_weights = sum(p.numel() for p in base) * f_size
+    else:
+        base_weights = _nbytes(base)
+    base_bytes = 0 if spec.shares_weights_with else base_weights + _nbytes(module.buffers())
     master = n_trained * t_size
     grads = master if spec.is_trained else 0
     states = OPTIMIZER_STATES[spec.optimizer] * master if spec.is_trained else 0
     scratch = OPTIMIZER_SCRATCH[spec.optimizer] * master if spec.is_trained else 0
     cast_copy = n_trained * p_size if spec.is_trained and spec.param_dtype != spec.trainable_dtype else 0
-    ema = (_nbytes(base) + _nbytes(module.buffers()) + master) if spec.ema else 0
+    ema = (_nbytes(module.buffers()) + master) if spec.ema else 0  # frozen parameters are shared, not copied
 
     host = 0
     weights = base_bytes + master
-    if spec.offload and not spec.is_trained:
+    if spec.on_host:
+        host, weights = weights, 0
+    elif spec.offload and not spec.is_trained:
         host, weights = weights, _leaf_weight_bytes(module)
     elif spec.offload:
         # ZeRO-offload: master weights, states, EMA and the step on the host; GPU computes in param_dtype.
@@ -127,9 +134,9 @@ def estimate_role(spec: RoleSpec, workload: Workload, cache: dict | None = None)
 
     def measured(through: bool) -> ActivationProfile:
         key = ("activations",) + _network_key(spec) + (spec.trainable_dtype, spec.gradient_checkpointing, workload, through,
-                                                        id(spec.example_inputs))
+                                                        id(spec.example_inputs), spec.batch_factor)
         if key not in cache:
-            inputs = _inputs(spec, module, workload)
+            inputs = _inputs(spec, module, workload, 1 if through else spec.batch_factor)  # batch_factor: its own training forward
             cache[key] = measure_activations(module, inputs, spec.gradient_checkpointing, differentiate_inputs=through, grad_itemsize=t_size)
         return cache[key]
 
@@ -141,8 +148,8 @@ def estimate_role(spec: RoleSpec, workload: Workload, cache: dict | None = None)
     )
 
 
-def _inputs(spec: RoleSpec, module: nn.Module, workload: Workload) -> dict:
-    b, h, w = workload.batch_size, workload.height, workload.width
+def _inputs(spec: RoleSpec, module: nn.Module, workload: Workload, batch_factor: int = 1) -> dict:
+    b, h, w = workload.batch_size * batch_factor, workload.height, workload.width
     if spec.example_inputs is not None:
         return spec.example_inputs(module, b, h, w, spec.param_dtype)
     try:

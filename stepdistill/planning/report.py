@@ -81,6 +81,8 @@ class PlanReport:
             trained = {"full": f"full ({_dtype(s.trainable_dtype)} master)", "lora": f"LoRA r{s.lora_rank}", "frozen": "frozen"}[s.trainable]
             if s.shares_weights_with:
                 trained += f" on {s.shares_weights_with}"
+            if s.frozen_dtype is not None and s.trainable != "full":
+                trained += f", {_dtype(s.frozen_dtype)} weights"
             if s.gradient_checkpointing and s.is_trained:
                 trained += ", ckpt"
             if s.offload:
@@ -152,8 +154,8 @@ Lever = Callable[[tuple[RoleSpec, ...]], tuple[tuple[RoleSpec, ...], list[str]]]
 def bf16_frozen_weights(specs):
     out, details = [], []
     for s in specs:
-        if s.trainable != "full" and s.param_dtype == torch.float32:
-            s = dataclasses.replace(s, param_dtype=torch.bfloat16)
+        if s.trainable != "full" and (s.frozen_dtype or s.param_dtype) == torch.float32:
+            s = dataclasses.replace(s, param_dtype=torch.bfloat16) if s.frozen_dtype is None else dataclasses.replace(s, frozen_dtype=torch.bfloat16)
             details.append(f"{s.name} bf16")
         out.append(s)
     return tuple(out), details

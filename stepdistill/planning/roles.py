@@ -38,18 +38,23 @@ class RoleSpec:
     - ``param_dtype``: the dtype the network computes in and frozen weights are stored in.
       ``trainable_dtype``: trained parameters' master weights, their gradients and optimizer
       states (fp32 under mixed precision; then an autocast copy in ``param_dtype`` exists during
-      forward and backward).
+      forward and backward). ``frozen_dtype``: frozen weights stored in another dtype than the
+      network computes in (an fp32 base under a LoRA that autocast runs in bf16); None: ``param_dtype``.
     - ``optimizer``: "adamw" / "adam" (2 states per parameter; the default ``foreach`` step
       holds one more parameter-sized temporary), "adamw_fused" (``fused=True``: no temporary),
       or "sgd" (none).
-    - ``ema``: an EMA copy, as the toolkit's Trainer keeps it: a deep copy of the whole module
-      (for a LoRA role that includes the frozen base weights).
+    - ``ema``: an EMA copy, as the toolkit's Trainer keeps it: a deep copy of the module that
+      shares its frozen parameters (a LoRA role's EMA costs its adapters and the buffers).
     - ``shares_weights_with``: the role whose weights this one runs on (a LoRA fake score on the
       teacher's weights): its base weights cost nothing here.
     - ``offload``: frozen roles keep their weights in host memory and stream them layer by layer;
       trainable roles keep master weights, optimizer states and EMA in host memory (ZeRO-offload).
     - ``backprop_from``: trainable roles whose loss backpropagates *through* this role's forward
       (a critic under the generator's GAN loss): its activations then add to theirs.
+    - ``batch_factor``: the role's training forward sees ``batch_factor`` x the batch (DMD2's
+      fake score with a GAN head runs the student's samples and real samples together: 2).
+    - ``on_host``: the role lives in host memory only and never on the GPU (text encoders released
+      after filling the embedding cache): its weights count as host memory.
     - ``example_inputs(module, batch_size, height, width, dtype) -> kwargs``: for networks
       :func:`~stepdistill.planning.activations.example_inputs` does not know.
     """
@@ -63,12 +68,15 @@ class RoleSpec:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     param_dtype: torch.dtype = torch.float32
     trainable_dtype: torch.dtype = torch.float32
+    frozen_dtype: torch.dtype | None = None
     optimizer: str = "adamw"
     ema: bool = False
     gradient_checkpointing: bool = False
     shares_weights_with: str | None = None
     offload: bool = False
     backprop_from: tuple[str, ...] = ()
+    batch_factor: int = 1
+    on_host: bool = False
     example_inputs: InputsFn | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -82,6 +90,10 @@ class RoleSpec:
             raise StepdistillError(f"role {self.name!r}: shares_weights_with needs trainable='lora' (only adapters on shared weights)")
         if self.ema and self.trainable == "frozen":
             raise StepdistillError(f"role {self.name!r}: a frozen role has no EMA")
+        if self.on_host and self.trainable != "frozen":
+            raise StepdistillError(f"role {self.name!r}: only a frozen role can live in host memory (on_host)")
+        if self.batch_factor < 1:
+            raise StepdistillError(f"role {self.name!r}: batch_factor must be >= 1; got {self.batch_factor}")
         object.__setattr__(self, "backprop_from", tuple(self.backprop_from))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 

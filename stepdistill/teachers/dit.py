@@ -21,6 +21,12 @@ DiT is a class-conditional latent transformer on a VP schedule. What ``DiTPipeli
 - **Guidance on/off.** The pipeline runs the null branch only when ``guidance_scale > 1``; at
   ``w = 1`` both give the conditional prediction. For ``w < 1`` the pipeline silently ignores
   guidance, while ``predict`` here interpolates towards the null class (the project's CFG).
+- **No label dropout.** DiT's label embedding replaces labels by the null class with
+  probability 0.1 whenever the network is in train mode, drawing from the global RNG (it is
+  how DiT learned CFG). Distillation passes the null class itself for CFG, and a student or
+  fake score in train mode must see the labels it is given, so the adapter sets that
+  probability to 0 on its transformer -- and with it on every copy a distiller makes of it.
+  Inference (eval mode) never drops labels, so the stock pipeline is unaffected.
 - Latents: ``transformer.config.sample_size`` square (32 for 256 px), ``in_channels`` (4)
   channels, decoded as ``vae.decode(latents / scaling_factor)`` (no shift).
 
@@ -52,6 +58,7 @@ class DiTTeacher(LatentTeacher):
             raise TeacherLoadError(f"{type(transformer).__name__} is not class-conditional (no num_embeds_ada_norm): not a DiT")
         self.transformer = transformer
         self.id2label = None if not id2label else {int(k): str(v) for k, v in id2label.items()}
+        disable_label_dropout(transformer)
         self._freeze()
 
     @classmethod
@@ -137,4 +144,13 @@ class DiTTeacher(LatentTeacher):
         return (self.transformer.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
 
-__all__ = ["DiTTeacher"]
+def disable_label_dropout(network: torch.nn.Module) -> None:
+    """Label embeddings of ``network`` never drop labels, in train mode too (see the module docstring)."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in network.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+
+
+__all__ = ["DiTTeacher", "disable_label_dropout"]

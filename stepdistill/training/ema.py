@@ -2,6 +2,9 @@
 
 The average is a real ``nn.Module`` (a frozen deep copy), so a method can run it -- as the
 EMA target of consistency distillation, or to draw evaluation samples -- and export it as is.
+Parameters that do not require grad when the EMA is made (the frozen base under a LoRA) never
+change, so the copy shares them with the module instead of duplicating them: the EMA of a
+LoRA role costs its adapters, not a second base network.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ class EMA:
             raise ValueError(f"EMA decay must lie in [0, 1); got {decay}")
         self.decay = decay
         self.num_updates = 0
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}  # shared, not copied
+        self.module = copy.deepcopy(model, memo=frozen).eval().requires_grad_(False)
 
     def current_decay(self) -> float:
         n = self.num_updates
@@ -35,6 +39,8 @@ class EMA:
         ema_state = self.module.state_dict()
         for name, value in model.state_dict().items():
             target = ema_state[name]
+            if target.data_ptr() == value.data_ptr():  # a shared frozen parameter
+                continue
             if target.is_floating_point():
                 target.lerp_(value.detach().to(target.dtype), 1.0 - d)
             else:

@@ -216,6 +216,7 @@ class Trainer:
             log_with=log_with,
             project_dir=str(self.output_dir / "logs"),
         )
+        self._check_distributed_type()
         self._check_batch_size()
         self._claim_output_dir(resume=resume, overwrite=overwrite)
 
@@ -253,6 +254,17 @@ class Trainer:
     @property
     def micro_batch_size(self) -> int:
         return self.config.batch_size // self.config.gradient_accumulation_steps
+
+    def _check_distributed_type(self) -> None:
+        """Sharded training (FSDP, DeepSpeed ZeRO) is refused: see docs/memory.md "Multi-GPU"."""
+        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise RecipeError(
+                f"accelerate {kind} is not supported: the Trainer steps one role at a time with its own gradient mean "
+                "(DDP semantics, _average_gradients), keeps full EMA copies and evaluates and exports on the main process, "
+                "none of which is correct on sharded parameters; launch data parallel (configs/accelerate/multi_gpu.yaml) "
+                "with the recipe's memory: levers (`stepdistill plan RECIPE` names the change that fits)"
+            )
 
     def _check_batch_size(self) -> None:
         c, n = self.config, self.accelerator.num_processes

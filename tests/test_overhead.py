@@ -1,0 +1,32 @@
+"""`stepdistill bench overhead RECIPE`: every network call of a DMD2 iteration is recorded and
+replayed bare (forward, and backward where the iteration backpropagated through it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stepdistill.cli import main
+from stepdistill.distillers.overhead import bench_overhead
+
+ROOT = Path(__file__).resolve().parent.parent
+SETS = ["dmd.critic_updates_per_generator_update=1", "training.batch_size=8"]
+
+
+def test_a_dmd2_iteration_is_replayed_call_by_call():
+    report = bench_overhead(ROOT / "configs" / "digits_dmd2.yaml", set_items=SETS, rounds=1, warmup=0)
+    calls = [(name, what.split()[0]) for name, what, _ in report.calls]
+    # generator update: student (grad), real score (teacher, no grad, CFG batch), fake score and GAN head
+    # under the generator's GAN loss; critic update: fake score on fakes + reals, the head through it, the head alone
+    assert calls == [("student", "fwd+bwd"), ("teacher", "fwd"), ("fake_score", "fwd+bwd"), ("discriminator", "fwd+bwd"),
+                     ("fake_score", "fwd+bwd"), ("discriminator", "fwd+bwd"), ("discriminator", "fwd+bwd")]
+    shapes = [what.split()[-1] for _, what, _ in report.calls]
+    assert shapes[0] == "8x1x8x8" and shapes[1] == "16x1x8x8" and shapes[4] == "16x1x8x8"  # CFG pair; fakes + reals
+    assert report.bare > 0 and report.iteration > 0 and set(report.optimizer) == {"student", "fake_score", "discriminator"}
+    assert report.ratio == report.iteration / report.bare
+
+
+def test_bench_overhead_cli(capsys):
+    assert main(["bench", "overhead", str(ROOT / "configs" / "digits_dmd2.yaml"), "--rounds", "1", *sum((["--set", s] for s in SETS), [])]) == 0
+    out = capsys.readouterr().out
+    assert "overhead: iteration / bare forward+backward =" in out and "optimizer step student" in out
+    assert main(["bench", "overhead"]) == 2  # a recipe is required
