@@ -1,4 +1,4 @@
-"""Pieces every distiller shares: LoRA adapters on any network, and a guard against NaN losses.
+"""Pieces every distiller shares: LoRA adapters on any network, and guards against NaN losses.
 
 LoRA goes through peft's ``inject_adapter_in_model``, which works on any ``nn.Module`` (a
 diffusers UNet2DModel has no ``add_adapter``), so the same three helpers serve every family:
@@ -31,6 +31,62 @@ def check_finite(losses: Mapping[str, torch.Tensor], step: int) -> None:
                 "the latest checkpoint in the run directory is the last good state (lower the learning rates "
                 "or raise max_grad_norm clipping and --resume)"
             )
+
+
+def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the samples whose values are finite in every one of ``tensors``."""
+    mask = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for tensor in tensors:
+        mask &= torch.isfinite(tensor.detach()).flatten(1).all(dim=1)
+    return mask
+
+
+class NonFiniteGuard:
+    """SiD's guard against non-finite values, with a limit.
+
+    A method drops the samples whose values are not finite from a loss (:meth:`filter`, counted in
+    ``filtered_samples``; :meth:`cut` keeps their gradients out of the network that made them) and
+    hands the loss to :meth:`step_role`, which skips an update whose loss or gradients are still not
+    finite (counted in ``skipped_updates``) and stops the run with :class:`TrainingDiverged` once
+    more than ``max_fraction`` of the updates so far (and more than one) were skipped. The counts go
+    to the logs (``nonfinite/...``); they restart with a resumed run.
+    """
+
+    def __init__(self, max_fraction: float):
+        self.max_fraction = max_fraction
+        self.updates = 0
+        self.skipped_updates = 0
+        self.filtered_samples = 0
+
+    def filter(self, mask: torch.Tensor) -> torch.Tensor:
+        self.filtered_samples += int((~mask).sum())
+        return mask
+
+    @staticmethod
+    def cut(x: torch.Tensor, keep: torch.Tensor) -> None:
+        """Zero the gradient reaching ``x`` (a network's output, [B, ...]) from the dropped samples:
+        backpropagating a NaN / inf through the networks that read them would poison every sample."""
+        if x.requires_grad and not bool(keep.all()):
+            mask = keep.reshape(-1, *([1] * (x.ndim - 1)))
+            x.register_hook(lambda grad: torch.where(mask, grad, torch.zeros_like(grad)))
+
+    def step_role(self, ctx, role: str, loss: torch.Tensor) -> bool:
+        """``ctx.step_role(role, loss)`` when ``loss`` and then its gradients are finite; True when it stepped."""
+        self.updates += 1
+        if bool(torch.isfinite(loss.detach()).all()) and ctx.step_role(role, loss, skip_nonfinite=True):
+            return True
+        self.skipped_updates += 1
+        if self.skipped_updates > max(1.0, self.max_fraction * self.updates):
+            raise TrainingDiverged(
+                f"non-finite losses: {self.skipped_updates} of {self.updates} updates skipped by step {ctx.step} "
+                f"(more than max_nonfinite_fraction {self.max_fraction:g}; {self.filtered_samples} samples filtered): stopping; "
+                "the latest checkpoint in the run directory is the last good state (lower the learning rates, "
+                "use mixed_precision: no or raise max_grad_norm clipping and --resume)"
+            )
+        return False
+
+    def logs(self) -> dict[str, float]:
+        return {"nonfinite/skipped_updates": float(self.skipped_updates), "nonfinite/filtered_samples": float(self.filtered_samples)}
 
 
 # -- LoRA ---------------------------------------------------------------------------------------
@@ -102,4 +158,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["TrainingDiverged", "add_lora", "check_finite", "has_lora", "lora_disabled", "merge_lora"]
+__all__ = ["NonFiniteGuard", "TrainingDiverged", "add_lora", "check_finite", "finite_rows", "has_lora", "lora_disabled", "merge_lora"]

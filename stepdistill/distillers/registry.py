@@ -42,6 +42,11 @@ register_method("dmd", _DM, "DMDRecipe", "build", "DMD: distribution matching + 
 register_method("dmd2", _DM, "DMDRecipe", "build", "DMD2: distribution matching, TTUR, GAN head, backward simulation")
 register_method("lcm", _CM, "ConsistencyRecipe", "build", "LCM / LCM-LoRA: latent consistency distillation")
 register_method("pcm", _CM, "ConsistencyRecipe", "build", "PCM: phased consistency distillation")
+_SD = "stepdistill.distillers.score_distillation"
+register_method("sds", _SD, "ScoreDistillationRecipe", "build", "SDS: score distillation sampling as a generator loss (baseline)")
+register_method("vsd", _SD, "ScoreDistillationRecipe", "build", "VSD / SwiftBrush: image-free variational score distillation")
+register_method("sid", _SD, "ScoreDistillationRecipe", "build", "SiD: score identity distillation (data-free)")
+register_method("sida", _SD, "ScoreDistillationRecipe", "build", "SiDA: SiD + adversarial loss on the fake score's encoder")
 
 
 def method_entry(name: Any) -> MethodEntry:

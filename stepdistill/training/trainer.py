@@ -138,10 +138,12 @@ class StepContext:
         return self.trainer.emas[name].module
 
     # -- updates ------------------------------------------------------------------------------
-    def step_role(self, name: str, loss: torch.Tensor) -> None:
+    def step_role(self, name: str, loss: torch.Tensor, skip_nonfinite: bool = False) -> bool:
         """Backpropagate ``loss`` into role ``name`` only; on the last micro-step also clip its
-        gradients, step its optimizer and LR schedule, zero its gradients and update its EMA."""
-        self.trainer.step_role(name, loss, last_micro_step=self.micro_step == self.num_micro_steps - 1)
+        gradients, step its optimizer and LR schedule, zero its gradients and update its EMA.
+        ``skip_nonfinite``: gradients with a NaN / inf are dropped instead (no step); returns False then."""
+        return self.trainer.step_role(name, loss, last_micro_step=self.micro_step == self.num_micro_steps - 1,
+                                      skip_nonfinite=skip_nonfinite)
 
 
 class Trainer:
@@ -274,15 +276,18 @@ class Trainer:
         return self._permutations[key]
 
     # -- one update ---------------------------------------------------------------------------
-    def step_role(self, name: str, loss: torch.Tensor, last_micro_step: bool) -> None:
+    def step_role(self, name: str, loss: torch.Tensor, last_micro_step: bool, skip_nonfinite: bool = False) -> bool:
         if name not in self.optimizers:
             raise ValueError(f"role '{name}' has no optimizer; trainable roles: {', '.join(self.trainable_roles)}")
         optimizer = self.optimizers[name]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self.accelerator.backward(loss / self.config.gradient_accumulation_steps, inputs=params)
         if not last_micro_step:
-            return
+            return True
         self._average_gradients(params)
+        if skip_nonfinite and not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+            optimizer.zero_grad(set_to_none=True)  # the same on every process: the gradients were averaged
+            return False
         if self.config.max_grad_norm is not None:
             norm = self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
             self._step_logs[f"grad_norm/{name}"] = float(norm)
@@ -291,6 +296,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         if name in self.emas:
             self.emas[name].update(self.unwrap(name))
+        return True
 
     def _average_gradients(self, params: list[torch.Tensor]) -> None:
         """Mean of every process's gradients (one flat all-reduce), before clipping and the step.
