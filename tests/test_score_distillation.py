@@ -192,8 +192,12 @@ def test_sid_loss_is_the_score_identity_formula_through_both_networks(tmp_path):
 
 
 def test_sid_time_range_is_the_papers_edm_sigma_range(tmp_path):
-    m = make("sid", score_distillation={"timesteps": "sid", "sid_tmax": 800}, training={"batch_size": 4000})
-    t = m.score_timesteps(StepContext(trainer_for(m, tmp_path), 0, 0))
+    """Generator: u ~ U[0, 0.8] on EDM's Karras grid; fake score (``edm``): ln sigma ~ N(-1.2, 1.2^2)."""
+    m = make("sid", score_distillation={"timesteps": "sid", "sid_tmax": 800, "fake_score_timesteps": "edm"}, training={"batch_size": 4000})
+    ctx = StepContext(trainer_for(m, tmp_path), 0, 0)
+    a, s = m.schedule.alpha_sigma(m.fake_score_timesteps(ctx))
+    assert abs(float((s / a).log().median()) + 1.2) < 0.05 and abs(float((s / a).log().std()) - 1.2) < 0.05
+    t = m.score_timesteps(ctx)
     a, s = m.schedule.alpha_sigma(t)
     level = s / a
     top = (80 ** (1 / 7) + 0.2 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7  # sigma(u = 0.8) = 24.4
@@ -202,10 +206,11 @@ def test_sid_time_range_is_the_papers_edm_sigma_range(tmp_path):
     median = (80 ** (1 / 7) + 0.6 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert abs(float((level < median).float().mean()) - 0.5) < 0.05
     # the mapping: VP -> the nearest training timestep, flow -> exact
-    for target in (0.05, 1.0, 7.0):
-        tt = m.schedule.timestep_for_noise_level(torch.tensor([target]))
-        levels = [float(m.schedule.alpha_sigma(torch.tensor([i]))[1] / m.schedule.alpha_sigma(torch.tensor([i]))[0]) for i in range(1000)]
-        assert int(tt) == min(range(1000), key=lambda i: abs(torch.tensor(levels[i]).log() - torch.tensor(target).log()))
+    a, s = m.schedule.alpha_sigma(torch.arange(1000))
+    levels = (s / a).double().log()
+    targets = torch.tensor([0.05, 1.0, 7.0])
+    nearest = (levels[None, :] - targets.double().log()[:, None]).abs().argmin(dim=1)
+    assert torch.equal(m.schedule.timestep_for_noise_level(targets), nearest)
     flow = FlowSchedule()
     a, s = flow.alpha_sigma(flow.timestep_for_noise_level(torch.tensor([0.5, 3.0])))
     torch.testing.assert_close(s / a, torch.tensor([0.5, 3.0]))

@@ -78,6 +78,7 @@ from .student import StudentSampler, denoiser_name
 
 METHODS = ("sds", "vsd", "sid", "sida")
 EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0  # SiD's Karras grid (EDM's defaults)
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # EDM's training noise levels, SiD's fake-score loss
 
 
 # =============================================================================================
@@ -89,6 +90,7 @@ class ScoreDistillationSection:
     min_timestep: float = 0.02  # uniform: fractions of the training timesteps
     max_timestep: float = 0.98
     sid_tmax: float = 800.0  # sid: SiD's tmax (of 1000) on EDM's Karras sigma grid
+    fake_score_timesteps: Literal["same", "edm"] = "same"  # the fake score's: the generator's, or EDM's log-normal sigma (SiD's fake-score loss)
     alpha: float = 1.2  # SiD / SiDA: alpha of the score-identity loss (the paper's default 1.2)
     critic_updates_per_generator_update: int = 1  # SiD: one fake-score step per generator step
     fake_condition_dropout: float = 0.1  # when the fake branch is guided (SiD-LSG drops 10 % of the prompts)
@@ -215,6 +217,13 @@ class ScoreDistillationMethod(Distiller):
         return roles
 
     # -- pieces -------------------------------------------------------------------------------
+    def fake_score_timesteps(self, ctx: StepContext) -> torch.Tensor:
+        """Native timesteps of the fake score's denoising loss: the generator's, or (``edm``) SiD's
+        fake-score loss: EDM's log-normal sigma, ln sigma ~ N(-1.2, 1.2^2)."""
+        if self.settings.fake_score_timesteps == "edm":
+            return self.schedule.timestep_for_noise_level((ctx.randn() * EDM_P_STD + EDM_P_MEAN).exp())
+        return self.score_timesteps(ctx)
+
     def score_timesteps(self, ctx: StepContext) -> torch.Tensor:
         """Native timesteps of the score evaluations (see the module docstring)."""
         s, T = self.settings, self.schedule.num_train_timesteps
@@ -312,7 +321,7 @@ class ScoreDistillationMethod(Distiller):
 
         # ---- fake-score update: its denoising loss on G's samples (+ SiDA's discriminator) ----
         if self.fake_score is not None:
-            t, eps = self.score_timesteps(ctx), ctx.randn(*self.shape)
+            t, eps = self.fake_score_timesteps(ctx), ctx.randn(*self.shape)
             fake_cond = drop_conditions(cond, ctx.rand() < self.settings.fake_condition_dropout) if self.fake_guided else cond
             real_inputs = None
             if self.adversarial:
