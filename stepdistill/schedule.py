@@ -97,9 +97,12 @@ def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_
     (LCM and some video codebases write ``cond + w' * (cond - uncond)``: that ``w'`` is our
     ``w - 1``. Convert at the boundary with :func:`guidance_from_lcm_convention`.)
     Every parameterization above is affine in the prediction at fixed x_t, so guiding in the
-    network's native parameterization equals guiding in x0 or eps.
+    network's native parameterization equals guiding in x0 or eps. ``guidance_scale`` may be a
+    tensor of one scale per sample.
     """
-    if guidance_scale == 1.0:
+    if torch.is_tensor(guidance_scale) and guidance_scale.ndim > 0:  # one scale per sample (SNOOPI)
+        guidance_scale = _bcast(guidance_scale.to(cond.dtype), cond)
+    elif guidance_scale == 1.0:
         return cond
     return uncond + guidance_scale * (cond - uncond)
 
@@ -137,6 +140,11 @@ class NoiseSchedule:
     def snr(self, t) -> torch.Tensor:
         a, s = self.alpha_sigma(t)
         return (a / s) ** 2
+
+    def timestep_for_noise_level(self, sigma_over_alpha: torch.Tensor) -> torch.Tensor:
+        """The native timestep whose noise level sigma_t / alpha_t (EDM's sigma: x_t / alpha_t =
+        x0 + sigma eps) is ``sigma_over_alpha``."""
+        raise NotImplementedError
 
 
 def betas_for(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -212,6 +220,16 @@ class VPSchedule(NoiseSchedule):
         ab = self.alpha_bar(t)
         return ab.sqrt().float(), (1 - ab).sqrt().float()
 
+    def timestep_for_noise_level(self, sigma_over_alpha: torch.Tensor) -> torch.Tensor:
+        """The training timestep (an integer: what the network was trained on) whose noise level is
+        nearest to ``sigma_over_alpha`` in log space."""
+        acp = self.alphas_cumprod
+        levels = ((1 - acp) / acp).sqrt().log()  # increasing in t
+        target = torch.as_tensor(sigma_over_alpha, dtype=torch.float64).log().to("cpu")
+        hi = torch.searchsorted(levels, target).clamp(1, len(levels) - 1)
+        nearest = torch.where((target - levels[hi - 1]).abs() <= (levels[hi] - target).abs(), hi - 1, hi)
+        return nearest.to(torch.as_tensor(sigma_over_alpha).device)
+
 
 @dataclass
 class FlowSchedule(NoiseSchedule):
@@ -242,6 +260,11 @@ class FlowSchedule(NoiseSchedule):
     def alpha_sigma(self, t):
         s = self.sigma_of(t)
         return 1.0 - s, s
+
+    def timestep_for_noise_level(self, sigma_over_alpha: torch.Tensor) -> torch.Tensor:
+        """sigma / (1 - sigma) = r  =>  sigma = r / (1 + r); t = sigma x T (continuous)."""
+        r = torch.as_tensor(sigma_over_alpha, dtype=torch.float32)
+        return r / (1 + r) * self.num_train_timesteps
 
     def mu(self, image_seq_len: int) -> float:
         """Flux's dynamic-shift exponent: linear in the number of image tokens."""

@@ -6,5 +6,5 @@
   InstaFlow (both :class:`~.base.StagedDistillation`: several students, one recipe).
 - :mod:`.ode_pairs`: teacher ODE couplings (DMD's regression data, reflow's) and straightness.
 - :mod:`.student`: few-step students sampled with their exported scheduler (backward simulation), export.
-- :mod:`.common`: LoRA on any network, the NaN guard.
+- :mod:`.common`: LoRA on any network, per-sample non-finite filtering.
 """

@@ -101,6 +101,21 @@ class Distiller(TrainingMethod):
 
         return contextlib.nullcontext()
 
+    # -- the student during training ------------------------------------------------------------
+    def generate(self, ctx, noise: torch.Tensor, cond, k: torch.Tensor, grad: bool) -> torch.Tensor:
+        """The student's x0 at step k of its K-step sampler: the input at step k comes from
+        backward simulation (its own no-grad steps 0..k-1 with the exported scheduler), then one
+        step with grad when ``grad``. One-step students: x0 = G(z) at the first timestep."""
+        adapter = with_network(self.teacher, ctx.model("student"))
+        timesteps = self.sampler.timesteps.to(ctx.device)
+        if int(k.max()) == 0:
+            x_in = noise * getattr(self.sampler.scheduler, "init_noise_sigma", 1.0)
+        else:
+            inputs = torch.stack(self.sampler.rollout(adapter, noise, cond, int(k.max())))  # [k_max + 1, B, ...]
+            x_in = inputs[k, torch.arange(noise.shape[0], device=noise.device)]
+        with torch.set_grad_enabled(grad):
+            return adapter.predict(x_in, timesteps[k], cond, guidance_scale=1.0, output="x0")
+
     # -- sampling -------------------------------------------------------------------------------
     def sampling_network(self, trainer: Trainer) -> nn.Module:
         """The network evaluation samples and the export come from."""

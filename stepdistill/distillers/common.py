@@ -1,4 +1,4 @@
-"""Pieces every distiller shares: LoRA adapters on any network.
+"""Pieces every distiller shares: LoRA adapters on any network, and per-sample non-finite filtering.
 
 LoRA goes through peft's ``inject_adapter_in_model``, which works on any ``nn.Module`` (a
 diffusers UNet2DModel has no ``add_adapter``), so the same three helpers serve every family:
@@ -12,9 +12,47 @@ import contextlib
 import copy
 from typing import Iterator, Sequence
 
+import torch
+
 from torch import nn
 
 from ..errors import RecipeError
+
+
+def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the samples whose values are finite in every one of ``tensors``."""
+    mask = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for tensor in tensors:
+        mask &= torch.isfinite(tensor.detach()).flatten(1).all(dim=1)
+    return mask
+
+
+class NonFiniteSamples:
+    """SiD's per-sample filter of non-finite values, counted.
+
+    A method drops the samples whose values are not finite from a loss (:meth:`filter`, counted in
+    ``filtered_samples``; :meth:`cut` keeps their gradients out of the network that made them). A
+    loss that is still not finite (every sample dropped) is the trainer's business: it skips the
+    rest of the step, counts it and stops past ``training.max_skipped_steps``.
+    """
+
+    def __init__(self):
+        self.filtered_samples = 0
+
+    def filter(self, mask: torch.Tensor) -> torch.Tensor:
+        self.filtered_samples += int((~mask).sum())
+        return mask
+
+    @staticmethod
+    def cut(x: torch.Tensor, keep: torch.Tensor) -> None:
+        """Zero the gradient reaching ``x`` (a network's output, [B, ...]) from the dropped samples:
+        backpropagating a NaN / inf through the networks that read them would poison every sample."""
+        if x.requires_grad and not bool(keep.all()):
+            mask = keep.reshape(-1, *([1] * (x.ndim - 1)))
+            x.register_hook(lambda grad: torch.where(mask, grad, torch.zeros_like(grad)))
+
+    def logs(self) -> dict[str, float]:
+        return {"nonfinite/filtered_samples": float(self.filtered_samples)}
 
 
 # -- LoRA ---------------------------------------------------------------------------------------
@@ -86,4 +124,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["add_lora", "has_lora", "lora_disabled", "merge_lora"]
+__all__ = ["NonFiniteSamples", "add_lora", "finite_rows", "has_lora", "lora_disabled", "merge_lora"]

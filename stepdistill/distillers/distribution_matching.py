@@ -53,21 +53,16 @@ from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
 from . import ode_pairs
 from .common import add_lora
-from .fake_score import build_fake_score, discriminator_for, discriminator_loss, generator_gan_loss
+from .fake_score import (FakeScoreSection, build_fake_score, denoising_loss, discriminator_for, discriminator_loss,
+                         generator_gan_loss)
 from .ode_pairs import load_ode_pairs
 from .recipe import DistillRecipe, lora_targets
-from .student import StudentSampler, denoiser_name, with_network
+from .student import StudentSampler, denoiser_name
 
 
 # =============================================================================================
 # Recipe: the shared sections (recipe.py) plus these two
 # =============================================================================================
-@dataclass
-class FakeScoreSection:
-    lora_rank: int = bounded(0, ge=0)  # > 0: a LoRA on the frozen teacher instead of a second full copy
-    lora_target_modules: list[str] = field(default_factory=list)
-
-
 @dataclass
 class DMDSection:
     critic_updates_per_generator_update: int = bounded(5, ge=1)  # TTUR (DMD2); DMD uses 1
@@ -197,19 +192,6 @@ class DistributionMatchingMethod(Distiller):
         """x0 of the frozen teacher with CFG (the base weights when the fake score is a LoRA on them)."""
         return self.fake_score.real_score(x_t, t, cond, self.guidance_scale)
 
-    def generate(self, ctx: StepContext, noise, cond, k: torch.Tensor, grad: bool) -> torch.Tensor:
-        """G's x0 at step k of its sampler: input from backward simulation (no grad), one step with grad."""
-        adapter = with_network(self.teacher, ctx.model("student"))
-        timesteps = self.sampler.timesteps.to(ctx.device)
-        if int(k.max()) == 0:
-            x_in = noise * getattr(self.sampler.scheduler, "init_noise_sigma", 1.0)
-        else:
-            inputs = torch.stack(self.sampler.rollout(adapter, noise, cond, int(k.max()), generator=ctx.generator))  # [k_max + 1, B, ...]
-            x_in = inputs[k, torch.arange(noise.shape[0], device=noise.device)]
-        t_in = timesteps[k]
-        with torch.set_grad_enabled(grad):
-            return adapter.predict(x_in, t_in, cond, guidance_scale=1.0, output="x0")
-
     # -- one step -----------------------------------------------------------------------------
     def training_step(self, ctx: StepContext) -> dict[str, Any]:
         d, logs = self.dmd, {}
@@ -253,19 +235,14 @@ class DistributionMatchingMethod(Distiller):
             logs["generator/loss"] = generator_loss
 
         # ---- critic update (every step): fake score denoising + GAN discriminator ----
-        x_fake = x.detach()
         t = self.score_timesteps(ctx)
         eps = ctx.randn(*self.shape)
-        x_t = self.schedule.add_noise(x_fake, eps, t)
-        inputs, times, conds = x_t, t, cond
+        real_inputs = None
         if self.gan:
             flips = ctx.rand() < 0.5 if self.real.random_flip else None
             real, real_cond = self.real.batch(ctx.sample_indices(len(self.real)), ctx.device, flips=flips)
-            real_t = self.schedule.add_noise(real, ctx.randn(*self.shape), t)
-            inputs, times, conds = torch.cat([x_t, real_t]), torch.cat([t, t]), cond.cat(real_cond)
-        out = fake(inputs, times, conds)
-        target = self.schedule.from_x0_eps(x_fake, eps, t, self.prediction_type)
-        denoise_loss = F.mse_loss(out[:B].float(), target.float())
+            real_inputs = (self.schedule.add_noise(real, ctx.randn(*self.shape), t), t, real_cond)
+        denoise_loss = denoising_loss(fake, self.schedule, self.prediction_type, x, eps, t, cond, also=real_inputs).mean()
         critic_loss = denoise_loss
         logs["critic/denoise_loss"] = denoise_loss
         if self.gan:

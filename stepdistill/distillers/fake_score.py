@@ -5,16 +5,22 @@ distribution with a second score network (DMD / DMD2, and the score-distillation
   weights), trained online with the denoising loss on the student's samples, so it follows the
   score of the student's distribution. It is called like the teacher (through the teacher's
   adapter), and through its role's prepared (DDP) wrapper: ``ctx.model("fake_score")(x_t, t, cond)``.
-- the real score: the frozen teacher with CFG -- the same network with the LoRA switched off
-  when the fake score is a LoRA on it (:meth:`FakeScore.real_score`).
-- a GAN head on the fake score's bottleneck features, read by a forward hook (the network's
-  forward is untouched): :func:`bottleneck`, :class:`DiscriminatorHead`, :func:`discriminator_loss`.
+- :func:`denoising_loss`: that online update -- the teacher's own denoising loss, in its native
+  parameterization, on the student's (detached) samples, optionally on the fake score's CFG
+  output (SiD-LSG) and with noisy real samples in the same pass (a GAN reads both);
+  :func:`drop_conditions`: the condition dropout that teaches its unconditional branch.
+- the real score: the frozen teacher with CFG (one scale, or one per sample) -- the same network
+  with the LoRA switched off when the fake score is a LoRA on it (:meth:`FakeScore.real_score`).
+- a GAN on the fake score's bottleneck features, read by a forward hook (the network's forward
+  is untouched): :func:`bottleneck`, a learnt :class:`DiscriminatorHead` (DMD2) or the
+  parameter-free :func:`encoder_logits` (SiDA), :func:`discriminator_loss`, :func:`generator_gan_loss`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -22,8 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import StepdistillError
+from ..teachers.base import Conditioning
 from .common import add_lora, lora_disabled
 from .student import denoiser_name, with_network
+
+
+@dataclass
+class FakeScoreSection:
+    """Recipe section ``fake_score:`` (DMD / DMD2, VSD, SiD, SiDA)."""
+
+    lora_rank: int = 0  # > 0: a LoRA on the frozen teacher instead of a second full copy
+    lora_target_modules: list[str] = field(default_factory=list)
 
 
 def bottleneck(network: nn.Module) -> tuple[nn.Module, int, bool]:
@@ -63,14 +78,23 @@ class DiscriminatorHead(nn.Module):
         return self.out(self.proj(self.norm(features.float())).mean(dim=1)).squeeze(1)
 
 
+def encoder_logits(features: torch.Tensor) -> torch.Tensor:
+    """SiDA's discriminator: no head, the fake score's encoder (bottleneck) features averaged over
+    channels -- one logit per location ([B, h, w] for UNets, [B, tokens] for transformers)."""
+    return features.float().mean(dim=1 if features.ndim == 4 else -1)
+
+
 def discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating GAN critic loss: softplus(D(fake)) + softplus(-D(real))."""
+    """Non-saturating GAN critic loss: softplus(D(fake)) + softplus(-D(real)) (= the binary
+    cross-entropy of fake -> 0, real -> 1), averaged over every logit."""
     return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
 
 
-def generator_gan_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating GAN generator loss: softplus(-D(fake))."""
-    return F.softplus(-fake_logits).mean()
+def generator_gan_loss(fake_logits: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """Non-saturating GAN generator loss: softplus(-D(fake)), averaged over every logit, or over
+    each sample's logits (``per_sample``: [B], for losses weighted per sample as SiDA's)."""
+    loss = F.softplus(-fake_logits)
+    return loss.flatten(1).mean(dim=1) if per_sample else loss.mean()
 
 
 class FakeScore(nn.Module):
@@ -90,17 +114,20 @@ class FakeScore(nn.Module):
     def _catch(self, module, args, output):
         self.last_features = output[-1] if isinstance(output, (tuple, list)) else output
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance_scale: float = 1.0) -> torch.Tensor:
-        """The fake score's native prediction (what the teacher's network outputs)."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """The fake score's native prediction (what the teacher's network outputs), with CFG
+        ``uncond + w (cond - uncond)`` when ``guidance_scale`` (one, or one per sample) is not 1."""
         return with_network(self.teacher, self.network).guided_output(x_t, t, cond, guidance_scale)
 
-    @torch.no_grad()
-    def real_score(self, x_t, t, cond, guidance_scale: float, output: str = "x0") -> torch.Tensor:
-        """The frozen teacher's prediction with CFG (the base weights when the fake score is a LoRA on them)."""
-        if self.shares_teacher_weights:
-            with lora_disabled(self.network):
-                return self.teacher.predict(x_t, t, cond, guidance_scale=guidance_scale, output=output)
-        return self.teacher.predict(x_t, t, cond, guidance_scale=guidance_scale, output=output)
+    def real_score(self, x_t, t, cond, guidance_scale: float | torch.Tensor, output: str = "x0", grad: bool = False) -> torch.Tensor:
+        """The frozen teacher's prediction with CFG (the base weights when the fake score is a LoRA
+        on them). ``grad``: differentiable in ``x_t`` (SiD backpropagates through the teacher; its
+        weights stay frozen)."""
+        with torch.set_grad_enabled(grad):
+            if self.shares_teacher_weights:
+                with lora_disabled(self.network):
+                    return self.teacher.predict(x_t, t, cond, guidance_scale=guidance_scale, output=output)
+            return self.teacher.predict(x_t, t, cond, guidance_scale=guidance_scale, output=output)
 
 
 def build_fake_score(teacher, lora_rank: int, lora_targets: Sequence[str], gan: bool) -> FakeScore:
@@ -119,12 +146,56 @@ def discriminator_for(fake: FakeScore) -> DiscriminatorHead:
     return DiscriminatorHead(channels, spatial)
 
 
+# -- the fake score's online update -------------------------------------------------------------
+def denoising_loss(fake, schedule, prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                   guidance_scale: float = 1.0, also: tuple[torch.Tensor, torch.Tensor, Conditioning] | None = None) -> torch.Tensor:
+    """Per-sample denoising loss of the fake score on the student's samples ``x0`` (detached):
+    ``|| fake(x_t, t) - target ||^2`` in the network's native parameterization, x_t = alpha_t x0 +
+    sigma_t eps -- the loss the teacher was trained with, so the fake score follows the score of
+    the student's distribution (DMD's fake-score loss, VSD's LoRA loss, SiD's fake-score loss).
+
+    ``guidance_scale`` != 1: the loss is on the fake score's CFG output (SiD-LSG's kappa_1).
+    ``also``: (x_t, t, cond) of more inputs run in the same forward pass and not scored -- noisy
+    real samples whose bottleneck features a GAN reads (:attr:`FakeScore.last_features` then
+    holds the student's rows first, then these).
+    """
+    x0 = x0.detach()
+    x_t = schedule.add_noise(x0, eps, t)
+    target = schedule.from_x0_eps(x0, eps, t, prediction_type)
+    if also is None:
+        out = fake(x_t, t, cond, guidance_scale)
+    else:
+        x_more, t_more, cond_more = also
+        out = fake(torch.cat([x_t, x_more]), torch.cat([t, t_more]), cond.cat(cond_more), guidance_scale)[: len(x0)]
+    return (out.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def drop_conditions(cond: Conditioning, drop: torch.Tensor) -> Conditioning:
+    """``cond`` with the samples where ``drop`` [B] is true replaced by the null condition (CFG's
+    unconditional branch), so a fake score trained on it learns its own unconditional score too."""
+    if cond.uncond is None or not bool(drop.any()):
+        return cond
+
+    def pick(c, u):
+        if isinstance(c, dict):
+            return {k: pick(c[k], u[k]) for k in c}
+        if torch.is_tensor(c) and c.ndim > 0 and c.shape[0] == drop.shape[0]:
+            return torch.where(drop.reshape(-1, *([1] * (c.ndim - 1))).to(c.device), u.to(c.dtype), c)
+        return c
+
+    return replace(cond, cond=pick(cond.cond, cond.uncond))
+
+
 __all__ = [
     "DiscriminatorHead",
     "FakeScore",
+    "FakeScoreSection",
     "bottleneck",
     "build_fake_score",
+    "denoising_loss",
     "discriminator_for",
     "discriminator_loss",
+    "drop_conditions",
+    "encoder_logits",
     "generator_gan_loss",
 ]

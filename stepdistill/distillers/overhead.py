@@ -222,7 +222,7 @@ def measure_overhead(trainer, method, rounds: int = 3, warmup: int = 1) -> Overh
 def bench_overhead(recipe_path, set_items: Sequence[str] | None = None, rounds: int = 3, warmup: int = 1) -> OverheadReport:
     """Build the recipe's run as ``stepdistill distill`` does (no evaluation, a temporary run
     directory) and measure its trainer overhead."""
-    from accelerate import PartialState
+    from ..training.trainer import run_state
 
     from ..training.trainer import Trainer
     from .memory import apply_memory_levers
@@ -232,7 +232,7 @@ def bench_overhead(recipe_path, set_items: Sequence[str] | None = None, rounds: 
     recipe = load_distill_recipe(recipe_path, set_items=set_items)
     teacher = load_recipe_teacher(recipe)
     method = build_method(teacher, recipe, open_run_data(teacher, recipe))
-    apply_memory_levers(method, PartialState().device)
+    apply_memory_levers(method, run_state().device)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(method, recipe.training, run_dir, log_with=None, progress=False)
         return measure_overhead(trainer, method, rounds=rounds, warmup=warmup)

@@ -196,10 +196,10 @@ class ReflowDistillation(StagedDistillation):
 
     def couplings(self, which: str, adapter, steps: int, guidance_scale: float) -> Mapping[str, torch.Tensor]:
         """The cached couplings ``which`` ("teacher" / "reflow"), made on the main process when missing."""
-        from accelerate import PartialState
+        from ..training.trainer import run_state
 
         path = self.pairs_path(which)
-        state = PartialState()
+        state = run_state()
         if not path.is_file() and state.is_main_process:
             make_ode_pairs(adapter, self.data.pool, self.recipe.reflow.num_pairs, path, steps=steps,
                            guidance_scale=guidance_scale, shape=self._shape(), seed=self.recipe.training.seed)

@@ -46,6 +46,11 @@ register_method("progressive", "stepdistill.distillers.progressive", "Progressiv
                 "progressive distillation: halve the step count stage after stage (64 -> 32 -> ... -> 1)")
 register_method("reflow", "stepdistill.distillers.reflow", "ReflowRecipe", "build",
                 "reflow / InstaFlow: straighten the teacher's ODE on its couplings, then distil it to one step")
+_SD = "stepdistill.distillers.score_distillation"
+register_method("sds", _SD, "ScoreDistillationRecipe", "build", "SDS: score distillation sampling as a generator loss (baseline)")
+register_method("vsd", _SD, "ScoreDistillationRecipe", "build", "VSD / SwiftBrush: image-free variational score distillation")
+register_method("sid", _SD, "ScoreDistillationRecipe", "build", "SiD: score identity distillation (data-free)")
+register_method("sida", _SD, "ScoreDistillationRecipe", "build", "SiDA: SiD + adversarial loss on the fake score's encoder")
 
 
 def method_entry(name: Any) -> MethodEntry:

@@ -245,9 +245,7 @@ def distill(
 
 def _distill(recipe: DistillRecipe, recipe_path, output_dir: Path, *, resume: bool, overwrite: bool, progress: bool,
              evaluate: bool, report: bool | None) -> Path:
-    from accelerate import PartialState
-
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, run_state
     from .memory import apply_memory_levers, describe_levers
 
     teacher = load_recipe_teacher(recipe)
@@ -259,7 +257,7 @@ def _distill(recipe: DistillRecipe, recipe_path, output_dir: Path, *, resume: bo
     if isinstance(method, StagedDistillation):
         return _distill_stages(method, recipe_path, output_dir, resume=resume, overwrite=overwrite, progress=progress,
                                evaluators=evaluators, benchmark=benchmark if do_report else None, data=data)
-    levers = apply_memory_levers(method, PartialState().device)  # the recipe's memory: section
+    levers = apply_memory_levers(method, run_state().device)  # the recipe's memory: section
     trainer = Trainer(method, recipe.training, output_dir, resume=resume, overwrite=overwrite,
                       run_info={**_run_info(recipe, recipe_path), "memory": levers}, evaluators=evaluators, progress=progress)
     if trainer.accelerator.is_main_process and progress:
@@ -300,14 +298,13 @@ def _distill_stages(staged: StagedDistillation, recipe_path, output_dir: Path, *
                     evaluators, benchmark, data: RunData) -> Path:
     """Train every stage in order, each with its own Trainer in ``output_dir/<stage>``; a stage
     starts from the network the previous stage exported. Returns the last stage's artefact."""
-    from accelerate import PartialState
     from accelerate.utils import set_seed
 
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, run_state
     from .memory import apply_memory_levers
 
     recipe = staged.recipe
-    state = PartialState()
+    state = run_state()
     _claim_staged_dir(output_dir, resume, overwrite, _run_info(recipe, recipe_path), state)
     staged.run_dir = output_dir
     if state.is_main_process and progress:

@@ -121,10 +121,12 @@ class Teacher(nn.Module):
         """One forward pass of the network with conditions ``cond``: its raw, native prediction."""
         raise NotImplementedError
 
-    def guided_output(self, x_t: torch.Tensor, t, cond: Conditioning, guidance_scale: float = 1.0) -> torch.Tensor:
-        """The network's native prediction under CFG (one batched pass for both branches)."""
+    def guided_output(self, x_t: torch.Tensor, t, cond: Conditioning, guidance_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """The network's native prediction under CFG (one batched pass for both branches);
+        ``guidance_scale``: one scale, or a tensor of one per sample."""
         t = self._timesteps(t, x_t)
-        if guidance_scale == 1.0 or cond.uncond is None:
+        per_sample = torch.is_tensor(guidance_scale) and guidance_scale.ndim > 0  # one scale per sample
+        if cond.uncond is None or (not per_sample and guidance_scale == 1.0):
             return self.model_output(x_t, t, cond.cond, cond.extra)
         both = {k: _cat(cond.uncond[k], cond.cond[k]) for k in cond.cond}
         out = self.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), both, self._double_extra(cond.extra))

@@ -91,6 +91,7 @@ def save_checkpoint(trainer, step: int) -> Path:
         shutil.rmtree(temp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temp))
+    accelerator.wait_for_everyone()  # every process has written its RNG states into temp before it is renamed
     if accelerator.is_main_process:
         roles = {}
         for index, name in enumerate(trainer.trainable_roles):

@@ -111,6 +111,19 @@ def seed_for(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def run_state():
+    """accelerate's process state, created as the Trainer's ``Accelerator`` will find it.
+
+    ``PartialState()`` is a singleton: built with its defaults before the ``Accelerator`` exists, it
+    ignores ``ACCELERATE_USE_CPU`` and a ``accelerate launch --multi_gpu`` run on CPU then trains as
+    N independent single processes (measured: each process sees index 0 of 1). Anything that needs
+    the device or the process index before the Trainer is built asks here."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 @contextlib.contextmanager
 def seed_run(config: TrainingConfig):
     """Around a run's construction and training: the global RNGs (torch, numpy, random) seeded
