@@ -32,7 +32,7 @@ from .common import has_lora, merge_lora
 from .recipe import DistillRecipe
 from .registry import load_distill_recipe, method_entry
 from .run_data import condition_pool, real_samples
-from .student import save_student_lora, save_student_pipeline
+from .student import save_adapter_pipeline, save_student_lora, save_student_pipeline
 
 RUN_KIND = "distill"
 # keys a resumed run may change: how long it trains and how often it reports
@@ -111,7 +111,8 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # -- export ---------------------------------------------------------------------------------------
 def artefact_dir(method: Distiller, run_dir: str | os.PathLike) -> Path:
-    """``lora/`` for a LoRA student of a latent teacher, ``pipeline/`` otherwise."""
+    """``lora/`` for a LoRA student of a latent teacher, ``pipeline/`` otherwise (a pixel teacher's
+    adapters: the untouched teacher pipeline with the adapter file inside)."""
     return Path(run_dir) / ("lora" if method.lora_student and method.teacher.is_latent else "pipeline")
 
 
@@ -135,9 +136,12 @@ def export_student(method: Distiller, network: torch.nn.Module, output: str | os
     out = Path(output)
     if method.lora_student and method.teacher.is_latent:
         return save_student_lora(method.teacher, network, method.scheduler, out, overwrite=overwrite)
-    full = merge_lora(network) if has_lora(network) else network
     common = dict(guidance_scale=method.export_guidance_scale, trained_guidance_range=method.trained_guidance_range,
                   model_card_info=card, overwrite=overwrite)
+    if method.keeps_base:  # pixel teachers: the untouched teacher's pipeline with the adapter file inside
+        return save_adapter_pipeline(method.teacher, network, method.scheduler, method.num_steps, out, metrics=metrics,
+                                     metrics_command=metrics_command, **common)
+    full = merge_lora(network) if has_lora(network) else network
     path = save_student_pipeline(method.teacher, full, method.scheduler, method.num_steps, out, metrics=metrics,
                                  metrics_command=metrics_command, **common)
     for name, scheduler in method.export_variants().items():

@@ -161,12 +161,35 @@ def save_student_pipeline(
             )
         return save_unconditional_pipeline(network, scheduler, output_dir, num_inference_steps=num_steps, **card)
     pipe = teacher.build_pipeline(network, scheduler)
-    # FluxPipeline's guidance_scale is FLUX.1-dev's embedded guidance, which the student was trained with.
-    if teacher.family == "flux":
+    # FluxPipeline's guidance_scale is FLUX.1-dev's embedded guidance, which the student was trained with
+    # (a w-conditioned student reads it as w).
+    if teacher.family == "flux" and trained_guidance_range is None:
         guidance_scale = getattr(teacher, "embedded_guidance_scale", 1.0)
     usage = PipelineUsage(pipeline_class=type(pipe).__name__, num_inference_steps=num_steps, guidance_scale=guidance_scale)
     return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), usage,
                             model_card_info, metrics, metrics_command)
+
+
+def save_adapter_pipeline(teacher, network: nn.Module, scheduler, num_steps: int, output_dir: str | os.PathLike, *,
+                          guidance_scale: float = 1.0, trained_guidance_range=None, **card) -> Path:
+    """LoRA adapters on a pixel teacher's untouched network (adapter guidance distillation): the
+    teacher as a ``ClassConditionalPipeline`` directory (its base weights, unmerged) with the adapters
+    next to it in ``pytorch_lora_weights.safetensors``::
+
+        pipe = DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)   # the teacher, with CFG
+        pipe.load_lora_weights(dir)          # guidance_scale now drives the adapters: one pass per step
+        pipe.disable_lora()                  # the teacher again
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    from ..export import save_class_conditional_pipeline
+    from .common import has_lora, lora_config, merge_lora
+
+    if teacher.family != "pixel" or not has_lora(network):
+        raise StepdistillError("save_adapter_pipeline writes LoRA adapters of a class-conditional pixel teacher")
+    lora = (get_peft_model_state_dict(network), lora_config(network))
+    return save_class_conditional_pipeline(merge_lora(network, merge=False), scheduler, output_dir, num_inference_steps=num_steps,
+                                           guidance_scale=guidance_scale, trained_guidance_range=trained_guidance_range, lora=lora, **card)
 
 
 def save_student_lora(teacher, network: nn.Module, scheduler, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -206,6 +229,7 @@ def save_student_lora(teacher, network: nn.Module, scheduler, output_dir: str | 
 __all__ = [
     "StudentSampler",
     "denoiser_name",
+    "save_adapter_pipeline",
     "pipeline_timestep_kwargs",
     "save_student_lora",
     "save_student_pipeline",
