@@ -69,5 +69,5 @@ for w in args.guidance_scales:
     errs = [float((consistency_fn(states[t], t, w) - end).pow(2).mean()) for t in args.timesteps]
     refs = [float((consistency_fn(states[t], t, w) - unguided_end).pow(2).mean()) for t in args.timesteps]
     print(f"| {w:g} | " + " | ".join(f"{e:.4f} ({r:.4f})" for e, r in zip(errs, refs)) + " |")
-print(f"\n(in brackets: against the unguided end x_end(1); |x_end(w) - x_end(1)|^2 for reference: "
+print("\n(in brackets: against the unguided end x_end(1); |x_end(w) - x_end(1)|^2 for reference: "
       + ", ".join(f"w={w:g}: {g:.4f}" for w, g in gaps.items()) + ")")
