@@ -18,15 +18,30 @@
 #   (FlowMatchEulerDiscreteScheduler: the network predicts the velocity) included.
 # - `default_num_inference_steps` / `default_guidance_scale` (stored in model_index.json) are
 #   what a call without those arguments uses: a 2-step student samples 2 steps by default.
+# - LoRA adapters of the UNet load as in diffusers' pipelines: `pipe.load_lora_weights(dir)`
+#   reads `pytorch_lora_weights.safetensors` (diffusers' format: keys `unet.<module>.lora_A.weight`,
+#   the peft LoraConfig in the safetensors metadata, as `save_lora_weights` writes it), and
+#   `disable_lora()` / `enable_lora()` / `unload_lora_weights()` switch them off, on, or remove
+#   them (the UNet's own weights are never changed). A *guidance adapter* (adapter guidance
+#   distillation; the file's metadata says `"guidance_adapter": "guidance_scale - 1"`) is driven by
+#   `guidance_scale`: the adapters run at strength `guidance_scale - 1` (none at 1, where the
+#   UNet is the untouched conditional model) in one pass per step, no CFG; switched off, the
+#   pipeline is the untouched model with CFG again.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from typing import List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, StableDiffusionPipeline, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the peft LoraConfig
+GUIDANCE_ADAPTER_KEY = "guidance_adapter"  # metadata: this LoRA's strength is guidance_scale - 1
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -71,6 +86,67 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must lie in [0, {self.num_classes}); got {labels.tolist()}")
         return labels
 
+    # -- LoRA adapters (diffusers' load_lora_weights API, for a UNet2DModel) --------------------
+    def load_lora_weights(self, pretrained_model_name_or_path: str, weight_name: str = LORA_WEIGHT_NAME, adapter_name: str = "default"):
+        """Inject the UNet LoRA saved in ``pretrained_model_name_or_path`` (a directory holding
+        ``weight_name``, or the file itself) as adapter ``adapter_name``."""
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors import safe_open
+
+        path = pretrained_model_name_or_path
+        path = os.path.join(path, weight_name) if os.path.isdir(path) else path
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k[len("unet."):]: f.get_tensor(k) for k in f.keys() if k.startswith("unet.")}
+        if not state or LORA_METADATA_KEY not in metadata:
+            raise ValueError(f"{path} holds no UNet LoRA with its config ({LORA_METADATA_KEY} metadata)")
+        config = {k[len("unet."):]: v for k, v in json.loads(metadata[LORA_METADATA_KEY]).items() if k.startswith("unet.")}
+        inject_adapter_in_model(LoraConfig(**config), self.unet, adapter_name=adapter_name)
+        unexpected = set_peft_model_state_dict(self.unet, state, adapter_name=adapter_name).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{path}: LoRA weights for modules this UNet lacks: {unexpected[:3]}")
+        self.unet.requires_grad_(False)
+        guidance = metadata.get(GUIDANCE_ADAPTER_KEY)
+        self._guidance_adapters = {**getattr(self, "_guidance_adapters", {}), adapter_name: guidance is not None}
+        self.enable_lora()
+
+    def _lora_layers(self):
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+
+    def disable_lora(self):
+        """Run the UNet's own weights (a guidance adapter's pipeline samples with CFG again)."""
+        for layer in self._lora_layers():
+            layer.enable_adapters(False)
+
+    def enable_lora(self):
+        for layer in self._lora_layers():
+            layer.enable_adapters(True)
+
+    def unload_lora_weights(self):
+        """Remove every LoRA: the UNet is its own untouched modules again."""
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in list(self.unet.named_modules()):
+            if isinstance(module, LoraLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(self.unet.get_submodule(parent) if parent else self.unet, child, module.get_base_layer())
+        self._guidance_adapters = {}
+
+    @property
+    def guidance_adapter_active(self) -> bool:
+        """A loaded guidance adapter is switched on: ``guidance_scale`` drives it, no CFG."""
+        layers = self._lora_layers()
+        active = any(getattr(self, "_guidance_adapters", {}).values())
+        return active and bool(layers) and not layers[0].disable_adapters
+
+    def _set_guidance_strength(self, strength: float):
+        for layer in self._lora_layers():
+            for name, is_guidance in self._guidance_adapters.items():
+                if is_guidance and name in layer.scaling:
+                    layer.set_scale(name, strength)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -110,19 +186,22 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         timestep_cond = None
         cond_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        adapters = self.guidance_adapter_active
+        trained = getattr(self.config, "trained_guidance_range", None)
+        if (cond_dim is not None or adapters) and trained and not trained[0] - 1e-6 <= float(guidance_scale) <= trained[1] + 1e-6:
+            warnings.warn(
+                f"guidance_scale {guidance_scale:g} is outside the range [{trained[0]:g}, {trained[1]:g}] this "
+                f"student's {'w-embedding' if cond_dim is not None else 'guidance adapter'} was trained on: expect off-distribution samples",
+                UserWarning,
+                stacklevel=2,
+            )
         if cond_dim is not None:  # the student takes w itself: one pass, no CFG
-            trained = getattr(self.config, "trained_guidance_range", None)
-            if trained and not trained[0] - 1e-6 <= float(guidance_scale) <= trained[1] + 1e-6:
-                warnings.warn(
-                    f"guidance_scale {guidance_scale:g} is outside the range [{trained[0]:g}, {trained[1]:g}] this "
-                    "student's w-embedding was trained on: expect off-distribution samples",
-                    UserWarning,
-                    stacklevel=2,
-                )
             w = torch.full((batch,), float(guidance_scale) - 1.0)
             timestep_cond = StableDiffusionPipeline.get_guidance_scale_embedding(self, w, embedding_dim=cond_dim)
             timestep_cond = timestep_cond.to(self._execution_device, self.unet.dtype)
-        guided = guidance_scale != 1.0 and timestep_cond is None
+        if adapters:  # the adapters carry the guidance: strength w - 1, one pass, no CFG
+            self._set_guidance_strength(float(guidance_scale) - 1.0)
+        guided = guidance_scale != 1.0 and timestep_cond is None and not adapters
         if guided:
             null = torch.full_like(labels, self.null_class)
             model_labels = torch.cat([null, labels])

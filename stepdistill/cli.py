@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill a few-step student from a teacher (DMD, DMD2, LCM, PCM ...)",
                        description="Train a few-step student with a distillation recipe (its `method:` picks the distiller) "
                        "and export it as a drop-in diffusers pipeline (OUTPUT_DIR/pipeline) or, for a LoRA student of a "
-                       "latent teacher, a LoRA file (OUTPUT_DIR/lora). See docs/dmd2.md, docs/consistency.md.")
+                       "latent teacher, a LoRA file (OUTPUT_DIR/lora). See docs/dmd2.md, docs/consistency.md, docs/guidance.md.")
     p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_dmd2.yaml or configs/pixel_dmd2.yaml")
     p.add_argument("--output-dir", default="runs/distill", help="run directory (checkpoints, logs, curve, exported student)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)

@@ -38,6 +38,7 @@ from .model_card import Metrics, ModelCardInfo, portable_path, write_model_card
 PIPELINE_FILE = "class_conditional_pipeline.py"
 GUIDANCE_UNET_FILE = "guidance_unet_2d.py"  # the w-conditioned UNet2DModel, a custom component in unet/
 PIPELINE_SOURCE = Path(__file__).resolve().parent.parent / "pipelines" / PIPELINE_FILE
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name (load_lora_weights)
 
 
 # -- schedulers ---------------------------------------------------------------------------------
@@ -82,6 +83,7 @@ def save_class_conditional_pipeline(
     num_inference_steps: int | None = None,
     guidance_scale: float = 1.0,
     trained_guidance_range: tuple[float, float] | None = None,
+    lora: tuple[Mapping[str, torch.Tensor], Mapping[str, Any]] | None = None,
     metrics: Metrics | None = None,
     metrics_command: str | None = None,
     model_card_info: ModelCardInfo | Mapping[str, Any] | None = None,
@@ -94,7 +96,9 @@ def save_class_conditional_pipeline(
     card's usage (``num_inference_steps`` defaults to 50, the teacher setting). ``metrics``
     (rows of measured numbers) and ``metrics_command`` (the command that measured them) go into
     the model card as given. ``trained_guidance_range``: a w-conditioned student's training range of
-    w (the pipeline warns outside it).
+    w (the pipeline warns outside it). ``lora``: (peft state dict, LoraConfig fields) of adapters of
+    ``unet`` written next to it as a guidance adapter (:func:`write_lora_file`), which the pipeline's
+    ``load_lora_weights(dir)`` puts on (``guidance_scale`` then drives them) and ``disable_lora()`` off.
     """
     if getattr(unet.config, "num_class_embeds", None) is None:
         raise StepdistillError("this UNet has no class embedding (num_class_embeds is None): use save_unconditional_pipeline")
@@ -111,6 +115,8 @@ def save_class_conditional_pipeline(
         shutil.copyfile(_pipeline_source(), tmp / PIPELINE_FILE)
         if custom_unet:
             shutil.copyfile(_pipeline_source(GUIDANCE_UNET_FILE), tmp / "unet" / GUIDANCE_UNET_FILE)
+        if lora is not None:
+            write_lora_file(tmp / LORA_WEIGHT_NAME, *lora, prefix="unet", guidance_adapter=True)
         index = {
             "_class_name": [Path(PIPELINE_FILE).stem, "ClassConditionalPipeline"],
             "_diffusers_version": _diffusers_version(),
@@ -189,6 +195,21 @@ def export_info(
         "pipeline_class": pipeline_class,  # unconditional models: DDIMPipeline / DDPMPipeline (None: by scheduler)
         "model_card": dataclasses.asdict(ModelCardInfo.coerce(model_card_info)),
     }
+
+
+def write_lora_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
+                    prefix: str = "unet", guidance_adapter: bool = False) -> None:
+    """A LoRA in diffusers' file format: keys ``<prefix>.<module>.lora_A.weight`` and the peft
+    ``LoraConfig`` fields in the safetensors metadata (``lora_adapter_metadata``, as diffusers'
+    ``save_lora_weights`` writes it). ``guidance_adapter``: the metadata also says the adapter's
+    strength is ``guidance_scale - 1`` (adapter guidance distillation)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, sort_keys=True)}
+    if guidance_adapter:
+        metadata["guidance_adapter"] = "guidance_scale - 1"
+    save_file(tensors, os.fspath(path), metadata=metadata)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -294,4 +315,5 @@ __all__ = [
     "save_class_conditional_pipeline",
     "save_unconditional_pipeline",
     "student_timesteps",
+    "write_lora_file",
 ]

@@ -139,7 +139,7 @@ def test_pcm_training_moves_few_step_samples_onto_the_teacher_ode(tmp_path):
 
 # -- guidance ---------------------------------------------------------------------------------
 def test_guidance_range_needs_a_w_embedding_and_a_unet_that_takes_one():
-    from stepdistill.distillers.consistency import w_conditioned_copy
+    from stepdistill.distillers.guidance_input import w_conditioned_copy
 
     with pytest.raises(RecipeError, match="w_embedding is off"):
         pixel_method(guidance_range=(1.0, 3.0))

@@ -46,6 +46,7 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "w_embedding": ("digits_lcm_w.yaml", []),
     },
     "pcm": {"full": ("digits_pcm.yaml", [])},
+    "agd": {"small_bank": ("digits_agd.yaml", ["guidance.trajectory_bank=8"])},  # the bank is sampled from the teacher at the start
     # staged recipes: stage_max_steps overrides training.max_steps, so empty it; fewer stages / pairs
     "progressive": {"two_stages": ("digits_progressive.yaml", ["progressive.stage_max_steps=[]", "progressive.teacher_steps=4"])},
     "reflow": {"few_pairs": ("digits_reflow.yaml", ["reflow.stage_max_steps=[]", "reflow.num_pairs=16", "reflow.pair_steps=2",

@@ -150,6 +150,14 @@ def test_edited_recipes_are_valid_or_one_line_errors(path):
     edited()
 
 
+SMALL_BUILDS = {
+    "agd": {"guidance": {"trajectory_bank": 8}},
+    "reflow": {"reflow": {"num_pairs": 16, "pair_steps": 2, "distill_pair_steps": 2, "straightness_samples": 4,
+                          "straightness_steps": 2, "stage_max_steps": []}},
+    "progressive": {"progressive": {"teacher_steps": 4, "stage_max_steps": []}},
+}
+
+
 @pytest.mark.parametrize("path", DIGITS, ids=[p.stem for p in DIGITS])
 def test_edited_digits_recipes_build_every_piece_or_fail_in_one_line(path):
     recipe = load_yaml(path)
@@ -157,6 +165,8 @@ def test_edited_digits_recipes_build_every_piece_or_fail_in_one_line(path):
     recipe = {**recipe, "training": {**recipe["training"], **small["training"]}}
     if recipe.get("dmd", {}).get("regression_weight"):
         recipe["dmd"] = {**recipe["dmd"], "regression_weight": 0.0}  # its pairs file is made by a run (test_determinism makes one)
+    for section, values in SMALL_BUILDS.get(recipe.get("method"), {}).items():  # what a build samples from the teacher, made small
+        recipe[section] = {**recipe.get(section, {}), **values}
     build_only = [("stepdistill.training.trainer.Trainer", "train")]
     assert check_cli(path, recipe, [], build_only) == "valid"
 

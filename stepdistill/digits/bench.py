@@ -60,8 +60,13 @@ def balanced_labels(num_samples: int, num_classes: int = NUM_CLASSES) -> torch.T
     return torch.arange(num_samples) % num_classes
 
 
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
 def load_pipeline(pipeline_dir: str | os.PathLike, device: str | torch.device = "cpu"):
-    """A class-conditional digits pipeline directory, loaded with diffusers (remote code allowed)."""
+    """A class-conditional digits pipeline directory, loaded with diffusers (remote code allowed).
+    A directory that also holds a LoRA file (``pytorch_lora_weights.safetensors``: adapter guidance
+    distillation) is loaded with its adapters on (``pipe.load_lora_weights(dir)``)."""
     from diffusers import DiffusionPipeline
 
     path = os.fspath(pipeline_dir)
@@ -86,6 +91,8 @@ def load_pipeline(pipeline_dir: str | os.PathLike, device: str | torch.device = 
             f"{path} is not a digits pipeline: need a class-conditional UNet with 1 channel, "
             f"8x8 samples and {NUM_CLASSES + 1} class embeddings (10 digits + null)"
         )
+    if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
+        pipe.load_lora_weights(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

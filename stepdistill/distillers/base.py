@@ -47,6 +47,7 @@ class RunData:
 
 class Distiller(TrainingMethod):
     export_from_ema: bool = True
+    keeps_base: bool = False  # the student is LoRA adapters on the untouched teacher: exported as the adapter file, never merged
     description: str = "step distillation"  # the method line of the model card
 
     def __init__(self, teacher, recipe: DistillRecipe, data: RunData | None):

@@ -96,6 +96,19 @@ def has_lora(model: nn.Module) -> bool:
     return bool(_lora_layers(model))
 
 
+def lora_config(model: nn.Module, adapter_name: str = "default") -> dict:
+    """The peft ``LoraConfig`` fields that rebuild ``model``'s adapter on a fresh copy of the base:
+    rank, alpha and the exact module names (so a loader injects into the same layers)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    if not layers:
+        raise StepdistillError("this network has no LoRA adapter")
+    any_layer = next(iter(layers.values()))
+    return {"r": int(any_layer.r[adapter_name]), "lora_alpha": float(any_layer.lora_alpha[adapter_name]),
+            "target_modules": sorted(layers)}
+
+
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` with its LoRA adapters switched off: the frozen base weights."""
@@ -109,19 +122,21 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.enable_adapters(True)
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """A copy of ``model`` with every LoRA folded into its base layer and the peft wrappers gone:
-    the stock network class again, loadable by ``from_pretrained``."""
+    the stock network class again, loadable by ``from_pretrained``. ``merge=False``: the adapters
+    are dropped instead -- the untouched base network."""
     from peft.tuners.lora import LoraLayer
 
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge()
+            if merge:
+                module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
     return model
 
 
-__all__ = ["NonFiniteSamples", "add_lora", "finite_rows", "has_lora", "lora_disabled", "merge_lora"]
+__all__ = ["NonFiniteSamples", "add_lora", "finite_rows", "has_lora", "lora_config", "lora_disabled", "merge_lora"]

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +54,7 @@ from ..export import make_student_scheduler, student_timesteps
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
 from .common import add_lora, lora_disabled
+from .guidance_input import GuidanceInput, cfg_output, check_guidance, w_conditioned_copy
 from .recipe import DistillRecipe, lora_targets
 from .student import StudentSampler, denoiser_name, pipeline_timestep_kwargs, with_network
 
@@ -121,84 +121,6 @@ def phase_edges(scheduler, num_phases: int, grid: torch.Tensor, num_solver_steps
 
 
 # =============================================================================================
-# Guidance embedding (diffusers' w-conditioned UNets)
-# =============================================================================================
-def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """What diffusers' SD/SDXL/LCM pipelines feed to ``time_cond_proj_dim``: the embedding of
-    ``guidance_scale - 1`` (our w minus one = LCM's w'), computed by the stock pipeline's function."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.get_guidance_scale_embedding(None, (w - 1).float(), embedding_dim=dim)
-
-
-def check_guidance(guidance_scale: float, trained_range) -> None:
-    """Warn when a w-conditioned student is asked for a w outside the range it was trained on."""
-    lo, hi = trained_range
-    if not lo - 1e-6 <= float(guidance_scale) <= hi + 1e-6:
-        warnings.warn(
-            f"guidance_scale {guidance_scale:g} is outside the range [{lo:g}, {hi:g}] this student's w-embedding was "
-            "trained on: expect off-distribution samples",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-class _GuidanceInput:
-    """Forward pre-hook that passes ``timestep_cond`` (the w-embedding) to a UNet: the teacher
-    adapters call the student network exactly like the teacher, this adds the one extra input."""
-
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.w: torch.Tensor | None = None
-
-    def __deepcopy__(self, memo):  # the EMA target's copy of the network shares the hook (and its w)
-        return self
-
-    def __call__(self, module, args, kwargs):
-        if self.w is None:
-            raise StepdistillError("a w-conditioned student was called without a guidance scale")
-        x = args[0]
-        w = self.w.to(x.device).reshape(-1)
-        w = w.expand(x.shape[0]) if w.numel() == 1 else w.repeat(x.shape[0] // w.numel())
-        kwargs["timestep_cond"] = guidance_embedding(w, self.dim).to(x.device, x.dtype)
-        return args, kwargs
-
-    @contextlib.contextmanager
-    def at(self, w: torch.Tensor):
-        self.w, old = w, self.w
-        try:
-            yield
-        finally:
-            self.w = old
-
-
-def w_conditioned_copy(network: nn.Module, dim: int) -> nn.Module:
-    """A copy of the teacher's UNet with ``time_cond_proj_dim = dim``, the teacher's weights and a
-    zero-initialized w projection (so it starts as the teacher): a UNet2DConditionModel for SD /
-    SDXL, our ``GuidanceUNet2DModel`` (UNet2DModel + the same input) for pixel teachers."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    from ..pipelines.guidance_unet_2d import GuidanceUNet2DModel
-
-    if isinstance(network, UNet2DConditionModel):
-        cls = UNet2DConditionModel
-    elif isinstance(network, UNet2DModel):
-        cls = GuidanceUNet2DModel
-    else:
-        raise RecipeError(
-            f"consistency.w_embedding needs a UNet (UNet2DConditionModel / UNet2DModel); this teacher's network is "
-            f"{type(network).__name__}: use a fixed guidance (guidance_range [w, w]) instead"
-        )
-    config = {k: v for k, v in network.config.items() if not k.startswith("_")}
-    student = cls.from_config({**config, "time_cond_proj_dim": dim})
-    missing, unexpected = student.load_state_dict(network.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
-        raise StepdistillError(f"cannot copy the teacher into a w-conditioned UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    return student.to(network.dtype)
-
-
-# =============================================================================================
 # The method
 # =============================================================================================
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
@@ -249,9 +171,11 @@ class ConsistencyDistillation(Distiller):
         # second copy in memory); the teacher's solver step runs them with the adapter disabled.
         self.shares_teacher_weights = recipe.student.lora_rank > 0 and not s.w_embedding
         if s.w_embedding:
+            if teacher.family == "flux":  # its transformer's own guidance input carries the embedded guidance
+                raise RecipeError("consistency.w_embedding needs a UNet (time_cond_proj_dim); a Flux teacher's student keeps "
+                                  "its embedded guidance: use a fixed guidance (guidance_range [w, w]), or method: guidance")
             student = w_conditioned_copy(network, s.w_embedding_dim)
-            self.w_input = _GuidanceInput(s.w_embedding_dim)
-            student.register_forward_pre_hook(self.w_input, with_kwargs=True)
+            self.w_input = GuidanceInput.attach(student)
         else:
             student = network if self.shares_teacher_weights else copy.deepcopy(network)
         self.ema = recipe.ema
@@ -309,17 +233,8 @@ class ConsistencyDistillation(Distiller):
     def solver_step(self, x_t, t, s, cond, w):
         """x̂_s: one DDIM (VP) / Euler (flow) step of the teacher's CFG-guided ODE from t to s (LCM eq. 8)."""
         with self.teacher_weights():
-            cond_out = self.teacher.guided_output(x_t, t, cond, 1.0).float()
-        if bool((w != 1).any()):
-            from ..teachers.base import Conditioning
-
-            if cond.uncond is None:
-                raise RecipeError("consistency.guidance_range above 1 needs a teacher with an unconditional branch (CFG)")
-            uncond = Conditioning(cond=cond.uncond, extra=cond.extra)
-            with self.teacher_weights():
-                uncond_out = self.teacher.guided_output(x_t, t, uncond, 1.0).float()
-            cond_out = uncond_out + self._bc(w, x_t) * (cond_out - uncond_out)
-        x0, eps = self.schedule.to_x0_eps(cond_out, x_t.float(), t, self.prediction_type)
+            guided = cfg_output(self.teacher, x_t, t, cond, w)
+        x0, eps = self.schedule.to_x0_eps(guided, x_t.float(), t, self.prediction_type)
         a, sg = self.alpha_sigma(s)
         return self._bc(a, x0) * x0 + self._bc(sg, x0) * eps
 
@@ -397,9 +312,7 @@ __all__ = [
     "ConsistencyRecipe",
     "ConsistencySection",
     "build",
-    "check_guidance",
     "export_scheduler",
-    "guidance_embedding",
     "phase_edges",
     "solver_grid",
 ]

@@ -38,6 +38,7 @@ def register_method(name: str, module: str, recipe: str, build: str, description
 
 _DM = "stepdistill.distillers.distribution_matching"
 _CM = "stepdistill.distillers.consistency"
+_GD = "stepdistill.distillers.guidance"
 register_method("dmd", _DM, "DMDRecipe", "build", "DMD: distribution matching + regression on teacher ODE pairs")
 register_method("dmd2", _DM, "DMDRecipe", "build", "DMD2: distribution matching, TTUR, GAN head, backward simulation")
 register_method("lcm", _CM, "ConsistencyRecipe", "build", "LCM / LCM-LoRA: latent consistency distillation")
@@ -51,6 +52,8 @@ register_method("sds", _SD, "ScoreDistillationRecipe", "build", "SDS: score dist
 register_method("vsd", _SD, "ScoreDistillationRecipe", "build", "VSD / SwiftBrush: image-free variational score distillation")
 register_method("sid", _SD, "ScoreDistillationRecipe", "build", "SiD: score identity distillation (data-free)")
 register_method("sida", _SD, "ScoreDistillationRecipe", "build", "SiDA: SiD + adversarial loss on the fake score's encoder")
+register_method("guidance", _GD, "GuidanceRecipe", "build", "guidance distillation: a w-conditioned student, one pass per step instead of CFG's two")
+register_method("agd", _GD, "GuidanceRecipe", "build", "adapter guidance distillation: LoRA adapters at strength w - 1 on the frozen teacher")
 
 
 def method_entry(name: Any) -> MethodEntry:

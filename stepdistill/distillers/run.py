@@ -38,7 +38,7 @@ from .common import has_lora, merge_lora
 from .recipe import DistillRecipe
 from .registry import load_distill_recipe, method_entry
 from .run_data import condition_pool, real_samples
-from .student import save_student_lora, save_student_pipeline
+from .student import save_adapter_pipeline, save_student_lora, save_student_pipeline
 
 RUN_KIND = "distill"
 # keys a resumed run may change: how long it trains and how often it reports
@@ -155,9 +155,12 @@ def export_student(method: Distiller, network: torch.nn.Module, output: str | os
         return save_student_lora(method.teacher, network, method.scheduler, out, num_steps=method.num_steps,
                                  guidance_scale=method.export_guidance_scale, model_card_info=card, metrics=metrics,
                                  metrics_command=metrics_command, overwrite=overwrite)
-    full = merge_lora(network) if has_lora(network) else network
     common = dict(guidance_scale=method.export_guidance_scale, trained_guidance_range=method.trained_guidance_range,
                   model_card_info=card, overwrite=overwrite)
+    if method.keeps_base:  # pixel teachers: the untouched teacher's pipeline with the adapter file inside
+        return save_adapter_pipeline(method.teacher, network, method.scheduler, method.num_steps, out, metrics=metrics,
+                                     metrics_command=metrics_command, **common)
+    full = merge_lora(network) if has_lora(network) else network
     path = save_student_pipeline(method.teacher, full, method.scheduler, method.num_steps, out, metrics=metrics,
                                  metrics_command=metrics_command, **common)
     for name, scheduler in method.export_variants().items():

@@ -191,8 +191,30 @@ def save_student_pipeline(
         return save_unconditional_pipeline(network, scheduler, output_dir, num_inference_steps=num_steps, **card)
     pipe = teacher.build_pipeline(network, scheduler)
     return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
-                            num_inference_steps=num_steps, guidance_scale=_pipeline_guidance(teacher, guidance_scale),
+                            num_inference_steps=num_steps, guidance_scale=_pipeline_guidance(teacher, guidance_scale, trained_guidance_range),
                             model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
+
+
+def save_adapter_pipeline(teacher, network: nn.Module, scheduler, num_steps: int, output_dir: str | os.PathLike, *,
+                          guidance_scale: float = 1.0, trained_guidance_range=None, **card) -> Path:
+    """LoRA adapters on a pixel teacher's untouched network (adapter guidance distillation): the
+    teacher as a ``ClassConditionalPipeline`` directory (its base weights, unmerged) with the adapters
+    next to it in ``pytorch_lora_weights.safetensors``::
+
+        pipe = DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)   # the teacher, with CFG
+        pipe.load_lora_weights(dir)          # guidance_scale now drives the adapters: one pass per step
+        pipe.disable_lora()                  # the teacher again
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    from ..export import save_class_conditional_pipeline
+    from .common import has_lora, lora_config, merge_lora
+
+    if teacher.family != "pixel" or not has_lora(network):
+        raise StepdistillError("save_adapter_pipeline writes LoRA adapters of a class-conditional pixel teacher")
+    lora = (get_peft_model_state_dict(network), lora_config(network))
+    return save_class_conditional_pipeline(merge_lora(network, merge=False), scheduler, output_dir, num_inference_steps=num_steps,
+                                           guidance_scale=guidance_scale, trained_guidance_range=trained_guidance_range, lora=lora, **card)
 
 
 def save_student_lora(
@@ -247,10 +269,11 @@ def _with_base_model(teacher, model_card_info):
     return info if info.base_model or not loaded_from else dataclasses.replace(info, base_model=loaded_from)
 
 
-def _pipeline_guidance(teacher, guidance_scale: float) -> float:
+def _pipeline_guidance(teacher, guidance_scale: float, trained_guidance_range=None) -> float:
     """The ``guidance_scale`` the family's stock pipeline is called with: FluxPipeline's is FLUX.1-dev's
-    embedded guidance, which the student was trained with; the others' is the student's own w."""
-    if teacher.family == "flux":
+    embedded guidance, which the student was trained with (a w-conditioned Flux student reads it as
+    its w); the others' is the student's own w."""
+    if teacher.family == "flux" and trained_guidance_range is None:
         return teacher.embedded_guidance_scale if teacher.uses_embedded_guidance else 1.0
     return guidance_scale
 
@@ -258,6 +281,7 @@ def _pipeline_guidance(teacher, guidance_scale: float) -> float:
 __all__ = [
     "StudentSampler",
     "denoiser_name",
+    "save_adapter_pipeline",
     "pipeline_timestep_kwargs",
     "save_student_lora",
     "save_student_pipeline",
