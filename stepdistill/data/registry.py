@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import DataError
 from ..plugins import load_plugins
 
 _registry: dict[str, tuple[Callable, str]] = {}

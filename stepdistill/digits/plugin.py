@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import torch
 
 from .data import IMAGE_SIZE, NUM_CLASSES, load_split
 

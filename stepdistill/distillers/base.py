@@ -103,6 +103,23 @@ class Distiller(TrainingMethod):
         return contextlib.nullcontext()
 
     # -- the student during training ------------------------------------------------------------
+    def init_generator(self) -> nn.Module:
+        """Set the exported scheduler's sampler (``self.sampler`` / ``self.scheduler``) for
+        ``self.num_steps`` and return G initialised from the teacher: a full copy, or a LoRA
+        (``student.lora_rank``) on a copy. Shared by the one-step generator families (DMD, score
+        distillation)."""
+        from .common import add_lora
+        from .recipe import lora_targets
+
+        recipe = self.recipe
+        self.sampler = StudentSampler.for_teacher(self.teacher, self.num_steps, self.shape)
+        self.sampler.check_timesteps(recipe.student.timesteps)
+        self.scheduler = self.sampler.scheduler
+        student = copy.deepcopy(getattr(self.teacher, denoiser_name(self.teacher))).requires_grad_(True)
+        if recipe.student.lora_rank > 0:
+            add_lora(student, recipe.student.lora_rank, lora_targets(self.family, recipe.student.lora_target_modules), what="student")
+        return student
+
     def generate(self, ctx, noise: torch.Tensor, cond, k: torch.Tensor, grad: bool) -> torch.Tensor:
         """The student's x0 at step k of its K-step sampler: the input at step k comes from
         backward simulation (its own no-grad steps 0..k-1 with the exported scheduler), then one

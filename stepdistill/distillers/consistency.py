@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..config import EMAConfig, OptimizerConfig, bounded
-from ..errors import RecipeError, StepdistillError
+from ..errors import RecipeError
 from ..export import make_student_scheduler, student_timesteps
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData

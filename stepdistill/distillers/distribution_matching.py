@@ -37,7 +37,6 @@ The recipe's ``method:`` is ``dmd`` (regression, no GAN) or ``dmd2`` (GAN allowe
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -52,12 +51,10 @@ from ..errors import RecipeError
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
 from . import ode_pairs
-from .common import add_lora
 from .fake_score import (FakeScoreSection, build_fake_score, denoising_loss, discriminator_for, discriminator_loss,
                          generator_gan_loss)
 from .ode_pairs import load_ode_pairs
 from .recipe import DistillRecipe, lora_targets
-from .student import StudentSampler, denoiser_name
 
 
 # =============================================================================================
@@ -127,16 +124,7 @@ class DistributionMatchingMethod(Distiller):
         if data is not None:
             self._check(recipe)
 
-        self.sampler = StudentSampler.for_teacher(teacher, self.num_steps, self.shape)
-        self.sampler.check_timesteps(recipe.student.timesteps)
-        self.scheduler = self.sampler.scheduler
-
-        base = getattr(teacher, denoiser_name(teacher))
-        # G: initialised from the teacher (full copy, or a LoRA on a copy).
-        student = copy.deepcopy(base).requires_grad_(True)
-        if recipe.student.lora_rank > 0:
-            add_lora(student, recipe.student.lora_rank, lora_targets(self.family, recipe.student.lora_target_modules), what="student")
-        self.student = student
+        self.student = self.init_generator()  # G: initialised from the teacher (full copy, or a LoRA on a copy)
         # Fake score: a second full copy, or a LoRA on the teacher's own frozen weights.
         self.fake_score = build_fake_score(
             teacher, recipe.fake_score.lora_rank, lora_targets(self.family, recipe.fake_score.lora_target_modules), gan=self.gan

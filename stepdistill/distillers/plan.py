@@ -33,7 +33,7 @@ import torch
 from ..config import merge
 from ..errors import RecipeError, StepdistillError
 from ..planning import RoleSpec, Workload, estimate_memory
-from ..planning.report import GIB, GPU_SIZES_GIB, DEFAULT_HEADROOM, Change, PlanReport, Verdict, _gib
+from ..planning.report import GIB, GPU_SIZES_GIB, DEFAULT_HEADROOM, Change, PlanReport, Verdict
 from .recipe import DistillRecipe, lora_targets
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -60,7 +60,6 @@ stop with one line past ``training.max_skipped_steps``.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -71,11 +70,10 @@ from ..config import OptimizerConfig
 from ..errors import RecipeError
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
-from .common import NonFiniteSamples, add_lora, finite_rows
+from .common import NonFiniteSamples, finite_rows
 from .fake_score import (FakeScoreSection, build_fake_score, denoising_loss, discriminator_loss, drop_conditions, encoder_logits,
                          generator_gan_loss)
 from .recipe import DistillRecipe, lora_targets
-from .student import StudentSampler, denoiser_name
 
 METHODS = ("sds", "vsd", "sid", "sida")
 EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0  # SiD's Karras grid (EDM's defaults)
@@ -181,16 +179,7 @@ class ScoreDistillationMethod(Distiller):
         self.ratio = s.critic_updates_per_generator_update
         self.guard = NonFiniteSamples()
 
-        self.sampler = StudentSampler.for_teacher(teacher, self.num_steps, self.shape)
-        self.sampler.check_timesteps(recipe.student.timesteps)
-        self.scheduler = self.sampler.scheduler
-
-        base = getattr(teacher, denoiser_name(teacher))
-        # G: initialised from the teacher (full copy, or a LoRA on a copy).
-        student = copy.deepcopy(base).requires_grad_(True)
-        if recipe.student.lora_rank > 0:
-            add_lora(student, recipe.student.lora_rank, lora_targets(self.family, recipe.student.lora_target_modules), what="student")
-        self.student = student
+        self.student = self.init_generator()  # G: initialised from the teacher (full copy, or a LoRA on a copy)
         # The fake score (not SDS): a second full copy, or a LoRA on the teacher's own frozen weights.
         self.fake_score = None
         if self.variant != "sds":
