@@ -128,7 +128,8 @@ if __name__ == "__main__":
     try:
         trainer.train()
     except TrainingInterrupted as stop:
-        print("stopped", stop.signum, "skipped", trainer.skipped_steps)
+        sys.stdout.write(f"stopped {stop.signum} skipped {trainer.skipped_steps}\n")  # one write: two processes share stdout
+        sys.stdout.flush()
     if trainer.accelerator.is_main_process:
         save_file(final_weights(trainer), f"{out_dir}/final_weights.safetensors")
         print("processes", trainer.accelerator.num_processes)
