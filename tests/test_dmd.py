@@ -25,7 +25,6 @@ import yaml
 from safetensors.torch import load_file
 from diffusers import DDIMScheduler, UNet2DModel
 
-from stepdistill.config import OptimizerConfig, TrainingConfig
 from stepdistill.distillers.base import RunData
 from stepdistill.distillers.common import lora_disabled
 from stepdistill.distillers.distribution_matching import DMDRecipe, DistributionMatchingMethod

@@ -4,7 +4,6 @@ schedulers, atomic writes and model cards."""
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import pytest

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import OptimizerConfig
+from ..errors import RecipeError
 from ..training.trainer import Role, Trainer, TrainingMethod
 from .common import has_lora
 from .recipe import DistillRecipe
@@ -76,6 +78,15 @@ class Distiller(TrainingMethod):
         if self.real is not None and self.real.dataset is not None:
             parts["vae"] = self.teacher.vae
         return nn.ModuleDict(parts)
+
+    def optimizer_configs(self, trained: tuple[str, ...], method: str) -> dict[str, OptimizerConfig]:
+        """The recipe's ``optimizers:`` settings of the roles this method trains (the defaults for a
+        role the recipe leaves out); a role it does not train is a RecipeError naming ``method``."""
+        opts = self.recipe.optimizers
+        unknown = set(opts) - set(trained)
+        if unknown:
+            raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)} for {method}; its trained roles: {', '.join(trained)}")
+        return {name: opts.get(name, OptimizerConfig()) for name in trained}
 
     def teacher_role(self) -> Role:
         """The frozen "teacher" role (when no trained role runs on the teacher's own weights)."""

@@ -16,7 +16,7 @@ import torch
 
 from torch import nn
 
-from ..errors import RecipeError
+from ..errors import RecipeError, StepdistillError
 
 
 def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:

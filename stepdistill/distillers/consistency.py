@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..config import EMAConfig, OptimizerConfig, bounded
+from ..config import EMAConfig, bounded
 from ..errors import RecipeError
 from ..export import make_student_scheduler, student_timesteps
 from ..training.trainer import Role, StepContext
@@ -187,11 +187,8 @@ class ConsistencyDistillation(Distiller):
         self.student = student.train()
 
     def roles(self) -> dict[str, Role]:
-        opts = self.recipe.optimizers
-        unknown = set(opts) - {"student"}
-        if unknown:
-            raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)}; consistency distillation trains one role: student")
-        roles = {"student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.ema)}
+        opts = self.optimizer_configs(("student",), "consistency distillation")
+        roles = {"student": Role(self.student, optimizer=opts["student"], ema=self.ema)}
         if not self.shares_teacher_weights:
             roles["teacher"] = self.teacher_role()
         return roles

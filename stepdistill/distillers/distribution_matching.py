@@ -46,7 +46,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import OptimizerConfig, bounded
+from ..config import bounded
 from ..errors import RecipeError
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
@@ -153,16 +153,13 @@ class DistributionMatchingMethod(Distiller):
 
     # -- roles --------------------------------------------------------------------------------
     def roles(self) -> dict[str, Role]:
-        opts = self.recipe.optimizers
-        unknown = set(opts) - {"student", "fake_score", "discriminator"}
-        if unknown:
-            raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)}; roles: student, fake_score, discriminator")
+        opts = self.optimizer_configs(("student", "fake_score", "discriminator"), f"method '{self.variant}'")
         roles = {
-            "student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.recipe.ema),
-            "fake_score": Role(self.fake_score, optimizer=opts.get("fake_score", OptimizerConfig())),
+            "student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema),
+            "fake_score": Role(self.fake_score, optimizer=opts["fake_score"]),
         }
         if self.gan:
-            roles["discriminator"] = Role(self.discriminator, optimizer=opts.get("discriminator", OptimizerConfig()))
+            roles["discriminator"] = Role(self.discriminator, optimizer=opts["discriminator"])
         if not self.shared_fake:
             roles["teacher"] = self.teacher_role()
         return roles

@@ -55,7 +55,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..config import OptimizerConfig
 from ..errors import RecipeError
 from ..export import make_student_scheduler
 from ..training.trainer import Role, StepContext
@@ -237,10 +236,8 @@ class GuidanceDistillation(_GuidanceFamily):
         self.student = student.requires_grad_(True).train()
 
     def roles(self) -> dict[str, Role]:
-        opts = self.recipe.optimizers
-        if set(opts) - {"student"}:
-            raise RecipeError(f"optimizers: unknown role(s) {sorted(set(opts) - {'student'})}; guidance distillation trains one role: student")
-        return {"student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.recipe.ema),
+        opts = self.optimizer_configs(("student",), "guidance distillation")
+        return {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema),
                 "teacher": Role(self.teacher)}
 
     def guidance_input(self, w: torch.Tensor):
@@ -319,11 +316,9 @@ class AdapterGuidanceDistillation(_GuidanceFamily):
         self.student = network
 
     def roles(self) -> dict[str, Role]:
-        opts = self.recipe.optimizers
-        if set(opts) - {"student"}:
-            raise RecipeError(f"optimizers: unknown role(s) {sorted(set(opts) - {'student'})}; agd trains one role: student (the adapters)")
+        opts = self.optimizer_configs(("student",), "agd (the student is the adapters)")
         # no "teacher" role: the student IS the teacher's network (its adapters off for the teacher)
-        return {"student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.recipe.ema)}
+        return {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema)}
 
     def teacher_context(self):
         return lora_disabled(self.student)

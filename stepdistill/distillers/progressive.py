@@ -43,7 +43,6 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
-from ..config import OptimizerConfig
 from ..errors import RecipeError
 from ..export import make_student_scheduler
 from ..schedule import canonical_prediction_type
@@ -148,11 +147,8 @@ class ProgressiveStage(Distiller):
 
     # -- roles --------------------------------------------------------------------------------
     def roles(self) -> dict[str, Role]:
-        opts = self.recipe.optimizers
-        unknown = set(opts) - {"student"}
-        if unknown:
-            raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)}; progressive distillation trains one role: student")
-        roles = {"student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.recipe.ema),
+        opts = self.optimizer_configs(("student",), "progressive distillation")
+        roles = {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema),
                  "teacher": Role(self.teacher)}
         if self.previous is not None:
             roles["previous_student"] = Role(self.previous)

@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import OptimizerConfig
 from ..errors import RecipeError
 from ..export import make_student_scheduler
 from ..training.trainer import Role, StepContext
@@ -97,11 +96,8 @@ class _CouplingStage(Distiller):
         self.student = copy.deepcopy(network).requires_grad_(True).train()
 
     def roles(self) -> dict[str, Role]:
-        opts = self.recipe.optimizers
-        unknown = set(opts) - {"student"}
-        if unknown:
-            raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)}; reflow trains one role: student")
-        return {"student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.recipe.ema),
+        opts = self.optimizer_configs(("student",), "reflow")
+        return {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema),
                 "teacher": Role(self.teacher)}
 
     def coupling_batch(self, ctx: StepContext):

@@ -66,7 +66,6 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ..config import OptimizerConfig
 from ..errors import RecipeError
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
@@ -191,14 +190,10 @@ class ScoreDistillationMethod(Distiller):
 
     # -- roles --------------------------------------------------------------------------------
     def roles(self) -> dict[str, Role]:
-        opts = self.recipe.optimizers
-        known = {"student"} if self.fake_score is None else {"student", "fake_score"}
-        unknown = set(opts) - known
-        if unknown:
-            raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)} for method '{self.variant}'; roles: {', '.join(sorted(known))}")
-        roles = {"student": Role(self.student, optimizer=opts.get("student", OptimizerConfig()), ema=self.recipe.ema)}
+        opts = self.optimizer_configs(("student",) if self.fake_score is None else ("student", "fake_score"), f"method '{self.variant}'")
+        roles = {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema)}
         if self.fake_score is not None:
-            roles["fake_score"] = Role(self.fake_score, optimizer=opts.get("fake_score", OptimizerConfig()))
+            roles["fake_score"] = Role(self.fake_score, optimizer=opts["fake_score"])
         if not self.shared_fake:
             roles["teacher"] = Role(self.teacher)
         return roles
