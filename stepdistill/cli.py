@@ -83,7 +83,7 @@ def _cmd_curve(args: argparse.Namespace) -> None:
             references[label] = float(value)
         except ValueError:
             raise StepdistillError(f"--reference takes LABEL=VALUE; got {item!r}") from None
-    print(f"curve written to {save_training_curves(args.run_dirs, args.output, names=args.names, metric=args.metric, references=references)}")
+    print(f"curve written to {save_training_curves(args.run_dirs, args.output, names=args.names, metric=args.metric, references=references, log_scale=args.log)}")
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", default=None, help="legend names (default: directory names)")
     p.add_argument("--metric", default="fd", help="column of curve.jsonl (fd, accuracy, precision, recall, ...)")
     p.add_argument("--reference", nargs="+", default=None, metavar="LABEL=VALUE", help="horizontal reference lines")
+    p.add_argument("--log", action="store_true", help="logarithmic metric axis")
     p.set_defaults(func=_cmd_curve)
 
     p = sub.add_parser("train-classifier", help="retrain the digits classifier that defines the digits FD",

@@ -63,5 +63,8 @@ def test_curve_plots_each_runs_fd_against_minutes(tmp_path, capsys):
     out = tmp_path / "curve.png"
     assert main(["curve", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(out), "--reference", "teacher 10-step=16.5"]) == 0
     assert Image.open(out).size[0] > 300
+    linear = Image.open(out).convert("RGB").tobytes()
+    assert main(["curve", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(out), "--reference", "teacher 10-step=16.5", "--log"]) == 0
+    assert Image.open(out).convert("RGB").tobytes() != linear  # a logarithmic axis draws another picture
     _one_line_error(capsys, ["curve", str(tmp_path), "--output", str(out)], "no curve.jsonl")
     _one_line_error(capsys, ["curve", str(tmp_path / "a"), "--output", str(out), "--reference", "teacher"], "LABEL=VALUE")

@@ -155,9 +155,11 @@ def read_curve(run_dir: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def save_training_curves(run_dirs, path: str | os.PathLike, names=None, metric: str = "fd", references=None) -> str:
+def save_training_curves(run_dirs, path: str | os.PathLike, names=None, metric: str = "fd", references=None,
+                         log_scale: bool = False) -> str:
     """``metric`` against wall-clock minutes for each run's ``curve.jsonl`` (one line per run);
-    ``references``: {label: value} drawn as horizontal lines (e.g. teacher rows at the same N)."""
+    ``references``: {label: value} drawn as horizontal lines (e.g. teacher rows at the same N);
+    ``log_scale``: a logarithmic metric axis (runs whose values differ by orders of magnitude)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,6 +181,8 @@ def save_training_curves(run_dirs, path: str | os.PathLike, names=None, metric: 
     for i, (label, value) in enumerate((references or {}).items()):
         axis.axhline(value, color="grey", linestyle=["--", ":", "-."][i % 3], label=label)
     n = ", ".join(str(v) for v in sorted(x for x in samples if x)) or "?"
+    if log_scale:
+        axis.set_yscale("log")
     axis.set_xlabel("training wall-clock minutes")
     axis.set_ylabel(f"{metric.upper()} ({n} samples, periodic evaluation)")
     axis.grid(True, alpha=0.3)
