@@ -5,6 +5,8 @@ the diagonal: the student at w is closest to the teacher at the same w.
 
     python docs/scripts/guidance_following.py runs/digits_lcm_w/pipeline --steps 4 --guidance-scales 1 2 3
 
+A student with one w baked in (its pipeline runs at guidance_scale 1): ``--student-guidance-scales 1``
+gives its one row against every teacher column.
 ``--teacher-cache FILE`` keeps the teacher's sample sets (they do not depend on the student) in a
 safetensors file, written on the first run and read on the next ones with the same settings.
 """
@@ -22,6 +24,8 @@ parser.add_argument("--steps", type=int, default=4)
 parser.add_argument("--teacher-steps", type=int, default=50)
 parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 2.0, 3.0])
 parser.add_argument("--num-samples", type=int, default=2000)
+parser.add_argument("--student-guidance-scales", type=float, nargs="+", default=None,
+                    help="the student's w per row (default: --guidance-scales); 1 for a student with one w baked in")
 parser.add_argument("--teacher-cache", default=None, help="safetensors file for the teacher's sample sets")
 args = parser.parse_args()
 
@@ -29,7 +33,8 @@ labels = balanced_labels(args.num_samples)
 feature = feature_module()
 student, teacher = load_pipeline(args.student), load_pipeline(default_teacher_dir())
 ws = args.guidance_scales
-ours = {w: generate_samples(student, labels, args.steps, w)[0] for w in ws}
+student_ws = args.student_guidance_scales or ws
+ours = {w: generate_samples(student, labels, args.steps, w)[0] for w in student_ws}
 key = lambda kind, steps, w: f"{kind}/{steps}/{w:g}/{args.num_samples}"  # noqa: E731
 cached = {}
 if args.teacher_cache and os.path.isfile(args.teacher_cache):
@@ -54,6 +59,6 @@ head = " | ".join(f"teacher {args.teacher_steps}-step w={w:g}" for w in ws)
 print(f"N = {args.num_samples}; FD between the sets (lower: closer)\n")
 print(f"| samples | {head} |\n|---|" + "---:|" * len(ws))
 for name, sets in ((f"student {args.steps}-step", ours), (f"teacher {args.steps}-step", short)):
-    for w in ws:
+    for w in sets:
         cells = " | ".join(f"{frechet_distance(ref[v], sets[w], feature):.2f}" for v in ws)
         print(f"| {name}, w={w:g} | {cells} |")

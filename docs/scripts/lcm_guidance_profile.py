@@ -50,9 +50,12 @@ def consistency_fn(x, t, w):
     from diffusers import StableDiffusionPipeline
 
     tt = torch.full((x.shape[0],), t)
-    cond = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.full((x.shape[0],), w - 1.0),
-                                                               embedding_dim=student.unet.config.time_cond_proj_dim)
-    v = student.unet(x, tt, class_labels=labels, timestep_cond=cond).sample
+    dim = getattr(student.unet.config, "time_cond_proj_dim", None)
+    if dim is None:  # guidance baked in: the student ignores w (the table shows which teacher w it matches)
+        v = student.unet(x, tt, class_labels=labels).sample
+    else:
+        cond = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.full((x.shape[0],), w - 1.0), embedding_dim=dim)
+        v = student.unet(x, tt, class_labels=labels, timestep_cond=cond).sample
     a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
     x0 = a * x - s * v
     c_skip, c_out = student.scheduler.get_scalings_for_boundary_condition_discrete(torch.tensor(t))
