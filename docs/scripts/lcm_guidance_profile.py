@@ -5,7 +5,8 @@ x_{t_49} and ends at x_end(w). A perfect consistency function maps every state t
 f(x_{t_n}, t_n, w) = x_end(w). This prints, for each w and a few t_n of the student's 4-step grid,
 the mean squared error of the student's f (LCM's boundary-scaled x0 estimate, from the exported
 LCMScheduler's scalings) against x_end(w), and, for reference, against x_end(1) (the unguided end
-from the same noise): an under-guided student sits closer to x_end(1) than a guided one.
+from the same noise): an under-guided student sits closer to x_end(1) than a guided one. A student
+with one w baked in (no w input) ignores w: its rows say which teacher w it matches.
 
     python docs/scripts/lcm_guidance_profile.py runs/digits_lcm_w/pipeline --guidance-scales 1 2 3
 """
