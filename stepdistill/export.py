@@ -42,7 +42,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file na
 
 
 # -- schedulers ---------------------------------------------------------------------------------
-def make_student_scheduler(teacher_scheduler, num_steps: int):
+def make_student_scheduler(teacher_scheduler, num_steps: int, init_timestep: int | None = None):
     """The scheduler a ``num_steps``-step student is trained for and exported with.
 
     VP teachers (DDPM/DDIM/... configs) get a ``DDIMScheduler`` with the teacher's noise
@@ -50,9 +50,23 @@ def make_student_scheduler(teacher_scheduler, num_steps: int):
     timestep (``num_steps=1`` -> ``[T-1]``; 4 -> ``[999, 749, 499, 249]`` for T = 1000).
     Flow-matching teachers keep their ``FlowMatchEulerDiscreteScheduler`` config, whose
     sigmas already start at pure noise.
+
+    ``init_timestep`` (one-step students of VP teachers; ``student.init_timestep``): the one step
+    runs at that timestep instead -- DDIM's "leading" spacing with ``steps_offset=init_timestep``
+    gives ``set_timesteps(1) == [init_timestep]``, and its step returns the x0 estimate, so a stock
+    ``DDIMPipeline`` / ``StableDiffusionPipeline`` with ``num_inference_steps=1`` runs the generator
+    exactly as trained. (More inference steps would index past the schedule: it is a one-step scheduler.)
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise StepdistillError(f"num_steps must be a positive integer; got {num_steps!r}")
+    if init_timestep is not None:
+        train_steps = teacher_scheduler.config.num_train_timesteps
+        if num_steps != 1 or isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
+            raise StepdistillError("student.init_timestep is for one-step students (student.num_steps: 1) of VP (DDPM / DDIM) "
+                                   f"teachers; this run has num_steps={num_steps} and a {type(teacher_scheduler).__name__}")
+        if not 0 < init_timestep < train_steps:
+            raise StepdistillError(f"student.init_timestep must lie in (0, {train_steps}); got {init_timestep}")
+        return DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="leading", steps_offset=int(init_timestep))
     if isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher_scheduler.config)
     else:

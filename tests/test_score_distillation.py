@@ -17,7 +17,7 @@ from stepdistill.errors import TrainingDiverged
 from stepdistill.distillers.fake_score import FakeScore, denoising_loss, drop_conditions
 from stepdistill.distillers.registry import load_distill_recipe
 from stepdistill.distillers.score_distillation import ScoreDistillationMethod, ScoreDistillationRecipe
-from stepdistill.errors import RecipeError
+from stepdistill.errors import RecipeError, StepdistillError
 from stepdistill.schedule import FlowSchedule
 from stepdistill.teachers.pixel import PixelUNetTeacher
 from stepdistill.training.trainer import StepContext, Trainer
@@ -333,3 +333,40 @@ def test_vsd_digits_recipe_never_reads_a_dataset_image(tmp_path, monkeypatch):
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     with pytest.raises(AssertionError, match="a dataset image was read"):  # the patches do bite
         digits_data.load_split("train")
+
+
+# -- student.init_timestep: G at SiD's sigma_init instead of T - 1 --------------------------------
+def test_init_timestep_runs_the_generator_there_and_the_exported_scheduler_agrees():
+    """With ``student.init_timestep`` G runs at that timestep (not T - 1), and the exported one-step
+    DDIM scheduler, stepped as a stock pipeline steps it, lands exactly on G's x0."""
+    from diffusers import DDIMScheduler
+
+    default, moved = make("sid"), make("sid", student={"init_timestep": 600})
+    assert default.sampler.timesteps.tolist() == [999]
+    assert moved.sampler.timesteps.tolist() == [600]
+    noise = torch.randn(6, *moved.shape, generator=torch.Generator().manual_seed(0))
+    cond = moved.pool.index(torch.zeros(6, dtype=torch.long))
+    with torch.no_grad():
+        outputs = {}
+        for name, m in (("999", default), ("600", moved)):
+            x0 = m.teacher.predict(noise, m.sampler.timesteps.repeat(6), cond, output="x0")
+            outputs[name] = x0
+            scheduler = DDIMScheduler.from_config(m.scheduler.config)
+            scheduler.set_timesteps(1)
+            raw = m.teacher.guided_output(noise, scheduler.timesteps.repeat(6), cond, 1.0)
+            stepped = scheduler.step(raw, scheduler.timesteps[0], noise).prev_sample
+            torch.testing.assert_close(stepped, x0, atol=1e-5, rtol=1e-5)
+    assert (outputs["600"] - outputs["999"]).abs().max() > 1e-2  # another timestep, another G
+
+
+def test_init_timestep_is_refused_where_it_has_no_meaning():
+    from stepdistill.export import make_student_scheduler
+
+    with pytest.raises(StepdistillError, match="one-step students"):
+        make("sid", student={"num_steps": 2, "init_timestep": 600})
+    with pytest.raises(StepdistillError, match=r"must lie in \(0, 1000\)"):
+        make_student_scheduler(tiny_pixel_teacher().scheduler, 1, 1000)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(StepdistillError, match="VP"):
+        make_student_scheduler(FlowMatchEulerDiscreteScheduler(), 1, 500)

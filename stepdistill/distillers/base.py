@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import OptimizerConfig
 from ..errors import RecipeError
+from ..export import make_student_scheduler
 from ..training.trainer import Role, Trainer, TrainingMethod
 from .common import has_lora
 from .recipe import DistillRecipe
@@ -51,6 +52,7 @@ class Distiller(TrainingMethod):
     export_from_ema: bool = True
     keeps_base: bool = False  # the student is LoRA adapters on the untouched teacher: exported as the adapter file, never merged
     description: str = "step distillation"  # the method line of the model card
+    one_step_generator: bool = False  # G from init_generator (DMD, score distillation): takes student.init_timestep
 
     def __init__(self, teacher, recipe: DistillRecipe, data: RunData | None):
         self.teacher = teacher
@@ -66,6 +68,9 @@ class Distiller(TrainingMethod):
         self.scheduler = None  # set by subclasses: the scheduler the student is exported with
         self.num_steps = recipe.student.num_steps
         self.sampler: StudentSampler
+        if recipe.student.init_timestep is not None and not self.one_step_generator:
+            raise RecipeError(f"student.init_timestep is for the one-step generator families (dmd, dmd2, sds, vsd, sid, sida); "
+                              f"method '{recipe.method}' does not use it")
 
     # -- where the frozen teacher lives ---------------------------------------------------------
     def teacher_on_device(self) -> nn.Module:
@@ -123,7 +128,8 @@ class Distiller(TrainingMethod):
         from .recipe import lora_targets
 
         recipe = self.recipe
-        self.sampler = StudentSampler.for_teacher(self.teacher, self.num_steps, self.shape)
+        scheduler = make_student_scheduler(self.teacher.scheduler, self.num_steps, recipe.student.init_timestep)
+        self.sampler = StudentSampler.for_teacher(self.teacher, self.num_steps, self.shape, scheduler=scheduler)
         self.sampler.check_timesteps(recipe.student.timesteps)
         self.scheduler = self.sampler.scheduler
         student = copy.deepcopy(getattr(self.teacher, denoiser_name(self.teacher))).requires_grad_(True)

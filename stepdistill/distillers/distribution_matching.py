@@ -108,6 +108,7 @@ class DistributionMatchingMethod(Distiller):
     score is a LoRA on the teacher's own weights)."""
 
     description = "distribution matching distillation"
+    one_step_generator = True
 
     def __init__(self, teacher, recipe: DMDRecipe, data: RunData | None, regression_pairs: Mapping[str, torch.Tensor] | None = None):
         super().__init__(teacher, recipe, data)

@@ -40,6 +40,10 @@ class TeacherSection:
 class StudentSection:
     num_steps: int = bounded(1, ge=1)  # K: the exported pipeline's step count
     timesteps: Optional[list[float]] = None  # optional: checked against the exported scheduler's
+    # one-step generators of VP teachers (DMD, score distillation): the timestep G runs at from unit
+    # noise -- SiD's sigma_init; default (null) the last training timestep. Unconditional teachers
+    # want it: at T - 1 the teacher's x0 estimate is the same mean image for every noise
+    init_timestep: Optional[int] = bounded(None, ge=1)
     backward_simulation: bool = True  # DMD, K > 1: inputs from the student's own earlier steps
     lora_rank: int = bounded(0, ge=0)  # 0: full fine-tune; > 0: a LoRA student (exported as a LoRA file for latent teachers)
     lora_target_modules: list[str] = field(default_factory=list)  # empty: the family's default

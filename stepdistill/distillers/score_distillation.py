@@ -152,6 +152,7 @@ class ScoreDistillationMethod(Distiller):
     """SDS / VSD / SiD / SiDA on the shared trainer. Roles: "student" (EMA), "fake_score" (not SDS),
     "teacher" (frozen; absent when the fake score is a LoRA on the teacher's own weights)."""
 
+    one_step_generator = True
     DESCRIPTIONS = {
         "sds": "SDS: score distillation sampling as a generator loss",
         "vsd": "VSD / SwiftBrush: image-free variational score distillation with an online fake score",
