@@ -195,7 +195,7 @@ def format_report(results: dict) -> str:
     spread = f" ± {floor['fd_std']:.3f}" if len(floor["draws"]) > 1 else ""
     lines.append(f"| real images (noise floor) | – | {floor['fd']:.3f}{spread} | – | – | – | – |")
     lines.append("")
-    lines.append(f"Noise floor: {floor['source']}. Teacher rows: the teacher sampled like the student (DDIM with trailing spacing for VP teachers: one-step students start at t = T - 1).")
+    lines.append(f"Noise floor: {floor['source']}. Teacher rows: DDIM with trailing spacing for VP teachers (the first step at t = T - 1); students: their own exported scheduler.")
     return "\n".join(lines)
 
 
