@@ -147,6 +147,26 @@ def test_sd3_lcm_lora_as_shipped(teachers, capsys):
     assert "text_encoder_3" in out and "24 GiB: fits" in out and f"peak: {p.peak / GIB:.2f} GiB" in out
 
 
+def test_score_distillation_roles(teachers):
+    """configs/sdxl_vsd.yaml (LoRA student, LoRA fake score on the teacher) and the same recipe as SiD
+    and SDS: VSD takes its generator gradient without a backward through the scores; SiD's loss is
+    differentiated through the teacher's and the fake score's forwards, whose activations add to the
+    student's backward; SDS has no fake score."""
+    vsd, sid, sds = (plan("sdxl_vsd.yaml", teachers["sdxl"], f"method={m}").report.estimate for m in ("vsd", "sid", "sds"))
+    assert [r.name for r in vsd.roles][:3] == ["teacher", "student", "fake_score"]
+    assert vsd.role("fake_score").spec.shares_weights_with == "teacher" and vsd.role("fake_score").weights == 4 * vsd.role("fake_score").parameters.lora
+    assert vsd.role("student").spec.shares_weights_with is None  # G: a LoRA on its own copy of the base
+    assert "fake_score" not in [r.name for r in sds.roles]
+
+    def student_backward(est):
+        return next(p.backward for p in est.phases if p.role == "student")
+
+    through = sid.role("teacher").through_activations.peak + sid.role("fake_score").through_activations.peak
+    assert vsd.role("teacher").through_activations is None and vsd.role("fake_score").through_activations is None
+    assert through > 0 and student_backward(sid) == student_backward(vsd) + through
+    assert sid.peak > vsd.peak
+
+
 MID_UNET = {  # ~79 M parameters: SD 1.x's layout at 0.3 of its width (docs/scripts/memory_check.py)
     "_class_name": "UNet2DConditionModel", "block_out_channels": [96, 192, 384, 384], "layers_per_block": 2,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],

@@ -177,6 +177,21 @@ def consistency_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
     return [_denoiser_role(configs, "teacher", **_frozen_weights(p)), student, *_encoder_roles(recipe, configs)]
 
 
+def score_distillation_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
+    """SDS / VSD / SiD / SiDA: G, the frozen teacher and (not SDS) the fake score. SiD's generator
+    loss is differentiated through both scores' forwards (their activations add to G's backward);
+    SDS / VSD take their gradient without one. SiDA's fake score also runs the real samples (2x)."""
+    p = _precision(recipe)
+    through = ("student",) if recipe.method in ("sid", "sida") else ()
+    student = _trained(recipe, configs, p, "student", recipe.student.lora_rank, recipe.student.lora_target_modules,
+                       ema=recipe.ema is not None)
+    roles = [_denoiser_role(configs, "teacher", backprop_from=through, **_frozen_weights(p)), student]
+    if recipe.method != "sds":
+        roles.append(_trained(recipe, configs, p, "fake_score", recipe.fake_score.lora_rank, recipe.fake_score.lora_target_modules,
+                              shares="teacher", batch_factor=2 if recipe.method == "sida" else 1, backprop_from=through))
+    return roles + _encoder_roles(recipe, configs)
+
+
 def _discriminator_role(configs: TeacherConfigs, p: Precision, backprop_from=()) -> RoleSpec:
     """DMD2's GAN head on the fake score's bottleneck: its size and inputs from a meta forward of
     the denoiser (made once per teacher, so estimates of recipe variants share it)."""
@@ -217,6 +232,7 @@ def _discriminator_parts(configs: TeacherConfigs):
 
 ROLE_PLANS: dict[str, Callable[[Any, TeacherConfigs], list[RoleSpec]]] = {
     "dmd": dmd_roles, "dmd2": dmd_roles, "lcm": consistency_roles, "pcm": consistency_roles,
+    "sds": score_distillation_roles, "vsd": score_distillation_roles, "sid": score_distillation_roles, "sida": score_distillation_roles,
 }
 
 
