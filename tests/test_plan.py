@@ -167,6 +167,23 @@ def test_score_distillation_roles(teachers):
     assert sid.peak > vsd.peak
 
 
+def test_guidance_and_agd_roles(teachers):
+    """configs/sdxl_guidance.yaml: a full copy of SDXL's UNet with the w input (time_cond_proj_dim 256:
+    a 256 x 320 projection more) and its EMA next to the frozen teacher; configs/sdxl_agd.yaml: the
+    adapters on the teacher's own weights (no second copy, no EMA); Flux guidance: FLUX.1-dev's own embedder."""
+    guidance = plan("sdxl_guidance.yaml", teachers["sdxl"]).report.estimate
+    student, teacher = guidance.role("student"), guidance.role("teacher")
+    assert teacher.parameters.total == SDXL_PARAMS and student.parameters.total == SDXL_PARAMS + 256 * 320
+    assert student.parameters.trainable == student.parameters.total and student.ema > 0 and student.spec.shares_weights_with is None
+    agd = plan("sdxl_agd.yaml", teachers["sdxl"]).report.estimate
+    adapters = agd.role("student")
+    assert adapters.spec.shares_weights_with == "teacher" and adapters.ema == 0
+    assert adapters.weights == 4 * adapters.parameters.lora and 0 < adapters.parameters.lora < 0.02 * SDXL_PARAMS  # fp32 adapters, 1.8 %
+    assert agd.peak < guidance.peak
+    flux = plan("flux_guidance.yaml", teachers["flux"]).report.estimate  # FLUX.1-dev has its guidance embedder already
+    assert flux.role("student").parameters.total == flux.role("teacher").parameters.total
+
+
 MID_UNET = {  # ~79 M parameters: SD 1.x's layout at 0.3 of its width (docs/scripts/memory_check.py)
     "_class_name": "UNet2DConditionModel", "block_out_channels": [96, 192, 384, 384], "layers_per_block": 2,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],

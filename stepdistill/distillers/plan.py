@@ -192,6 +192,24 @@ def score_distillation_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
     return roles + _encoder_roles(recipe, configs)
 
 
+def guidance_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
+    """Guidance distillation: a full w-conditioned copy of the denoiser (the w input as
+    ``w_conditioned_copy`` adds it) next to the frozen teacher. AGD: LoRA adapters on the teacher's
+    own weights, no second copy. AGD's trajectory bank (host memory, ``guidance.trajectory_bank``
+    states) is not planned."""
+    p = _precision(recipe)
+    teacher = _denoiser_role(configs, "teacher", **_frozen_weights(p))
+    if recipe.method == "agd":
+        student = _trained(recipe, configs, p, "student", recipe.student.lora_rank, recipe.student.lora_target_modules,
+                           shares="teacher", ema=recipe.ema is not None)
+        return [teacher, student, *_encoder_roles(recipe, configs)]
+    student = _trained(recipe, configs, p, "student", 0, (), ema=recipe.ema is not None)
+    w_input = ({"guidance_embeds": True} if configs.denoiser.get("_class_name") == "FluxTransformer2DModel"
+               else {"time_cond_proj_dim": recipe.guidance.w_embedding_dim})
+    student = dataclasses.replace(student, config={**configs.denoiser, **w_input})
+    return [teacher, student, *_encoder_roles(recipe, configs)]
+
+
 def _discriminator_role(configs: TeacherConfigs, p: Precision, backprop_from=()) -> RoleSpec:
     """DMD2's GAN head on the fake score's bottleneck: its size and inputs from a meta forward of
     the denoiser (made once per teacher, so estimates of recipe variants share it)."""
@@ -233,6 +251,7 @@ def _discriminator_parts(configs: TeacherConfigs):
 ROLE_PLANS: dict[str, Callable[[Any, TeacherConfigs], list[RoleSpec]]] = {
     "dmd": dmd_roles, "dmd2": dmd_roles, "lcm": consistency_roles, "pcm": consistency_roles,
     "sds": score_distillation_roles, "vsd": score_distillation_roles, "sid": score_distillation_roles, "sida": score_distillation_roles,
+    "guidance": guidance_roles, "agd": guidance_roles,
 }
 
 
