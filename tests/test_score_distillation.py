@@ -13,11 +13,10 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from stepdistill.config import from_dict, merge
 from stepdistill.distillers.base import RunData
-from stepdistill.errors import TrainingDiverged
 from stepdistill.distillers.fake_score import FakeScore, denoising_loss, drop_conditions
 from stepdistill.distillers.registry import load_distill_recipe
 from stepdistill.distillers.score_distillation import ScoreDistillationMethod, ScoreDistillationRecipe
-from stepdistill.errors import RecipeError, StepdistillError
+from stepdistill.errors import RecipeError, StepdistillError, TrainingDiverged
 from stepdistill.schedule import FlowSchedule
 from stepdistill.teachers.pixel import PixelUNetTeacher
 from stepdistill.training.trainer import StepContext, Trainer

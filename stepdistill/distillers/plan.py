@@ -198,16 +198,15 @@ def guidance_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
     own weights, no second copy. AGD's trajectory bank (host memory, ``guidance.trajectory_bank``
     states) is not planned."""
     p = _precision(recipe)
-    teacher = _denoiser_role(configs, "teacher", **_frozen_weights(p))
     if recipe.method == "agd":
         student = _trained(recipe, configs, p, "student", recipe.student.lora_rank, recipe.student.lora_target_modules,
                            shares="teacher", ema=recipe.ema is not None)
-        return [teacher, student, *_encoder_roles(recipe, configs)]
-    student = _trained(recipe, configs, p, "student", 0, (), ema=recipe.ema is not None)
-    w_input = ({"guidance_embeds": True} if configs.denoiser.get("_class_name") == "FluxTransformer2DModel"
-               else {"time_cond_proj_dim": recipe.guidance.w_embedding_dim})
-    student = dataclasses.replace(student, config={**configs.denoiser, **w_input})
-    return [teacher, student, *_encoder_roles(recipe, configs)]
+    else:
+        w_input = ({"guidance_embeds": True} if configs.denoiser.get("_class_name") == "FluxTransformer2DModel"
+                   else {"time_cond_proj_dim": recipe.guidance.w_embedding_dim})
+        student = _trained(recipe, configs, p, "student", 0, (), ema=recipe.ema is not None)
+        student = dataclasses.replace(student, config={**configs.denoiser, **w_input})
+    return [_denoiser_role(configs, "teacher", **_frozen_weights(p)), student, *_encoder_roles(recipe, configs)]
 
 
 def _discriminator_role(configs: TeacherConfigs, p: Precision, backprop_from=()) -> RoleSpec:
