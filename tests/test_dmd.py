@@ -118,6 +118,47 @@ def test_gan_head_reads_bottleneck_by_hook_and_learns(tmp_path):
     assert sum(accuracies[-5:]) / 5 > 0.8
 
 
+@pytest.mark.parametrize("family", ["pixel", "sd", "flux"])
+def test_encoder_only_pass_equals_the_full_pass_at_the_bottleneck_and_skips_the_decoder(family, tmp_path):
+    """FakeScore.encode (the real rows of DMD2's / SiDA's GAN): the same bottleneck features and
+    parameter gradients as a full forward pass, with no block after the bottleneck run."""
+    from stepdistill.distillers.fake_score import bottleneck, build_fake_score
+
+    if family == "pixel":
+        teacher = tiny_pixel_teacher()
+    else:
+        (tiny_sd_pipeline() if family == "sd" else tiny_flux_pipeline()).save_pretrained(tmp_path / family)
+        teacher = load_teacher(tmp_path / family)
+    fake = build_fake_score(teacher, 0, [], gan=True)
+    net = fake.network
+    module, _, _ = bottleneck(net)
+    after = net.up_blocks[0] if family != "flux" else net.proj_out  # a module past the bottleneck
+    assert module is not after
+    ran = []
+    after.register_forward_hook(lambda *args: ran.append(1))
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, *teacher.sample_shape(), generator=g)
+    t = torch.tensor([300.0, 700.0]) if family != "flux" else torch.tensor([0.3, 0.7])
+    cond = teacher.encode([3, 5] if family == "pixel" else ["a red square", "a blue circle"])
+
+    def features_and_grads(encode: bool):
+        net.zero_grad(set_to_none=True)
+        features = fake.encode(x_t, t, cond) if encode else (fake(x_t, t, cond), fake.last_features)[1]
+        (features.float() ** 2).mean().backward()
+        return features.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    full, full_grads = features_and_grads(encode=False)
+    assert ran == [1]
+    kept = fake.last_features
+    encoded, encoded_grads = features_and_grads(encode=True)
+    assert ran == [1]  # nothing past the bottleneck ran
+    assert fake.last_features is kept  # the full pass's features stay where the GAN reads them
+    torch.testing.assert_close(encoded, full)
+    assert encoded_grads.keys() == full_grads.keys() and len(encoded_grads) > 0
+    for name in full_grads:
+        torch.testing.assert_close(encoded_grads[name], full_grads[name], msg=name)
+
+
 # -- backward simulation = the exported scheduler's loop ---------------------------------------
 def test_student_sampler_reproduces_exported_pipeline(tmp_path):
     from diffusers import DiffusionPipeline

@@ -259,7 +259,7 @@ def test_sida_discriminator_is_the_fake_scores_encoder_without_parameters(tmp_pa
     for step in range(25):
         logs = trainer.train_step(step)
         accuracies.append((logs["critic/real_accuracy"] + logs["critic/fake_accuracy"]) / 2)
-    assert m.fake_score.last_features.shape == (32, 16, 4, 4)  # [fake; real] x mid-block channels x 4 x 4
+    assert m.fake_score.last_features.shape == (16, 16, 4, 4)  # G's rows x mid-block channels x 4 x 4 (real rows: encode())
     assert sum(accuracies[:3]) / 3 < 0.75 and sum(accuracies[-5:]) / 5 > 0.9
     assert logs["generator/gan_loss"] > 0
 

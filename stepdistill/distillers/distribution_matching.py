@@ -223,18 +223,18 @@ class DistributionMatchingMethod(Distiller):
         # ---- critic update (every step): fake score denoising + GAN discriminator ----
         t = self.score_timesteps(ctx)
         eps = ctx.randn(*self.shape)
-        real_inputs = None
         if self.gan:
             flips = ctx.rand() < 0.5 if self.real.random_flip else None
             real, real_cond = self.real.batch(ctx.sample_indices(len(self.real)), ctx.device, flips=flips)
-            real_inputs = (self.schedule.add_noise(real, ctx.randn(*self.shape), t), t, real_cond)
-        denoise_loss = denoising_loss(fake, self.schedule, self.prediction_type, x, eps, t, cond, also=real_inputs).mean()
+            real_t = self.schedule.add_noise(real, ctx.randn(*self.shape), t)
+        denoise_loss = denoising_loss(fake, self.schedule, self.prediction_type, x, eps, t, cond).mean()
         critic_loss = denoise_loss
         logs["critic/denoise_loss"] = denoise_loss
         if self.gan:
+            # [student's rows; real rows]: the real ones through the encoder alone (DMD2's classify_mode).
             # The fake score's features are shaped by the GAN loss through the (not stepped) head,
             # weighted by gan_critic_weight; the head itself then learns at its own rate on them.
-            features = self.bottleneck_features()
+            features = torch.cat([self.bottleneck_features(), self.fake_score.encode(real_t, t, real_cond)])
             critic_loss = critic_loss + d.gan_critic_weight * discriminator_loss(*ctx.model("discriminator")(features).split(B))
         ctx.step_role("fake_score", critic_loss)
         if self.gan:

@@ -7,13 +7,14 @@ distribution with a second score network (DMD / DMD2, and the score-distillation
   adapter), and through its role's prepared (DDP) wrapper: ``ctx.model("fake_score")(x_t, t, cond)``.
 - :func:`denoising_loss`: that online update -- the teacher's own denoising loss, in its native
   parameterization, on the student's (detached) samples, optionally on the fake score's CFG
-  output (SiD-LSG) and with noisy real samples in the same pass (a GAN reads both);
-  :func:`drop_conditions`: the condition dropout that teaches its unconditional branch.
+  output (SiD-LSG); :func:`drop_conditions`: the condition dropout that teaches its unconditional branch.
 - the real score: the frozen teacher with CFG (one scale, or one per sample) -- the same network
   with the LoRA switched off when the fake score is a LoRA on it (:meth:`FakeScore.real_score`).
 - a GAN on the fake score's bottleneck features, read by a forward hook (the network's forward
   is untouched): :func:`bottleneck`, a learnt :class:`DiscriminatorHead` (DMD2) or the
   parameter-free :func:`encoder_logits` (SiDA), :func:`discriminator_loss`, :func:`generator_gan_loss`.
+  Real samples run the encoder alone (:meth:`FakeScore.encode`, DMD2's ``classify_mode``, SiDA's
+  ``return_flag='encoder'``): the forward stops at the bottleneck, the decoder's half is not paid.
 """
 
 from __future__ import annotations
@@ -97,9 +98,13 @@ def generator_gan_loss(fake_logits: torch.Tensor, per_sample: bool = False) -> t
     return loss.flatten(1).mean(dim=1) if per_sample else loss.mean()
 
 
+class _ReachedBottleneck(Exception):
+    """Raised by the bottleneck hook to end an encoder-only pass (:meth:`FakeScore.encode`)."""
+
+
 class FakeScore(nn.Module):
     """The fake-score network (see the module docstring). ``last_features`` holds what the
-    latest forward pass produced at the bottleneck when a GAN head reads it."""
+    latest full forward pass produced at the bottleneck when a GAN head reads it."""
 
     def __init__(self, teacher, network: nn.Module, shares_teacher_weights: bool, gan: bool):
         super().__init__()
@@ -107,12 +112,33 @@ class FakeScore(nn.Module):
         self.shares_teacher_weights = shares_teacher_weights
         self.__dict__["teacher"] = teacher  # not a submodule: the teacher is its own (frozen) role
         self.last_features: torch.Tensor | None = None
+        self._encoder_only = False
         if gan:
             module, _, _ = bottleneck(network)
             self._hook = module.register_forward_hook(self._catch)
 
     def _catch(self, module, args, output):
-        self.last_features = output[-1] if isinstance(output, (tuple, list)) else output
+        features = output[-1] if isinstance(output, (tuple, list)) else output
+        if self._encoder_only:
+            raise _ReachedBottleneck(features)
+        self.last_features = features
+
+    def encode(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The bottleneck features of an encoder-only pass (no CFG): the network runs up to the
+        bottleneck and stops there (the hook raises), so the decoder half is neither run nor
+        backpropagated. Called on this module, not its DDP wrapper: the gradients reach the same
+        parameters and are all-reduced with the full pass's in the one backward. ``last_features``
+        keeps the full pass's."""
+        if not hasattr(self, "_hook"):
+            raise StepdistillError("FakeScore.encode needs the bottleneck hook: build the fake score with gan=True")
+        self._encoder_only = True
+        try:
+            self(x_t, t, cond)
+        except _ReachedBottleneck as reached:
+            return reached.args[0]
+        finally:
+            self._encoder_only = False
+        raise StepdistillError(f"the forward pass of {type(self.network).__name__} never reached its bottleneck")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         """The fake score's native prediction (what the teacher's network outputs), with CFG
@@ -148,25 +174,18 @@ def discriminator_for(fake: FakeScore) -> DiscriminatorHead:
 
 # -- the fake score's online update -------------------------------------------------------------
 def denoising_loss(fake, schedule, prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                   guidance_scale: float = 1.0, also: tuple[torch.Tensor, torch.Tensor, Conditioning] | None = None) -> torch.Tensor:
+                   guidance_scale: float = 1.0) -> torch.Tensor:
     """Per-sample denoising loss of the fake score on the student's samples ``x0`` (detached):
     ``|| fake(x_t, t) - target ||^2`` in the network's native parameterization, x_t = alpha_t x0 +
     sigma_t eps -- the loss the teacher was trained with, so the fake score follows the score of
     the student's distribution (DMD's fake-score loss, VSD's LoRA loss, SiD's fake-score loss).
 
     ``guidance_scale`` != 1: the loss is on the fake score's CFG output (SiD-LSG's kappa_1).
-    ``also``: (x_t, t, cond) of more inputs run in the same forward pass and not scored -- noisy
-    real samples whose bottleneck features a GAN reads (:attr:`FakeScore.last_features` then
-    holds the student's rows first, then these).
     """
     x0 = x0.detach()
     x_t = schedule.add_noise(x0, eps, t)
     target = schedule.from_x0_eps(x0, eps, t, prediction_type)
-    if also is None:
-        out = fake(x_t, t, cond, guidance_scale)
-    else:
-        x_more, t_more, cond_more = also
-        out = fake(torch.cat([x_t, x_more]), torch.cat([t, t_more]), cond.cat(cond_more), guidance_scale)[: len(x0)]
+    out = fake(x_t, t, cond, guidance_scale)
     return (out.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 

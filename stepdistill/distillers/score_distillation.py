@@ -306,20 +306,21 @@ class ScoreDistillationMethod(Distiller):
         if self.fake_score is not None:
             t, eps = self.fake_score_timesteps(ctx), ctx.randn(*self.shape)
             fake_cond = drop_conditions(cond, ctx.rand() < self.settings.fake_condition_dropout) if self.fake_guided else cond
-            real_inputs = None
             if self.adversarial:
                 flips = ctx.rand() < 0.5 if self.real.random_flip else None
                 real, real_cond = self.real.batch(ctx.sample_indices(len(self.real)), ctx.device, flips=flips)
-                real_inputs = (self.schedule.add_noise(real, eps, t), t, real_cond)  # SiDA: the same t and noise
+                real_t = self.schedule.add_noise(real, eps, t)  # SiDA: the same t and noise
             kappa1 = self.guidance.fake_train_scale  # LSG's short guidance (1 unless mode lsg)
             per_sample = denoising_loss(ctx.model("fake_score"), self.schedule, self.prediction_type, x, eps, t, fake_cond,
-                                        guidance_scale=kappa1, also=real_inputs)
+                                        guidance_scale=kappa1)
             keep = self.guard.filter(torch.isfinite(per_sample.detach()))
             denoise = per_sample[keep].mean()
             critic_loss = denoise
             logs["critic/denoise_loss"] = denoise.detach()
             if self.adversarial:
-                fake_logits, real_logits = encoder_logits(self.fake_score.last_features).split(B)
+                # the real samples through the encoder alone (SiDA's return_flag='encoder')
+                fake_logits = encoder_logits(self.fake_score.last_features)
+                real_logits = encoder_logits(self.fake_score.encode(real_t, t, real_cond))
                 gan = discriminator_loss(fake_logits, real_logits)
                 critic_loss = critic_loss + self.recipe.adversarial.critic_weight * gan
                 logs["critic/gan_loss"] = gan.detach()
