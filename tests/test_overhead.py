@@ -3,6 +3,7 @@ replayed bare (forward, and backward where the iteration backpropagated through 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from stepdistill.cli import main
@@ -16,11 +17,14 @@ def test_a_dmd2_iteration_is_replayed_call_by_call():
     report = bench_overhead(ROOT / "configs" / "digits_dmd2.yaml", set_items=SETS, rounds=1, warmup=0)
     calls = [(name, what.split()[0]) for name, what, _ in report.calls]
     # generator update: student (grad), real score (teacher, no grad, CFG batch), fake score and GAN head
-    # under the generator's GAN loss; critic update: fake score on fakes + reals, the head through it, the head alone
+    # under the generator's GAN loss; critic update: fake score on fakes, its encoder alone on reals (replayed
+    # to the bottleneck too), the head through it, the head alone
     assert calls == [("student", "fwd+bwd"), ("teacher", "fwd"), ("fake_score", "fwd+bwd"), ("discriminator", "fwd+bwd"),
-                     ("fake_score", "fwd+bwd"), ("discriminator", "fwd+bwd"), ("discriminator", "fwd+bwd")]
-    shapes = [what.split()[-1] for _, what, _ in report.calls]
-    assert shapes[0] == "8x1x8x8" and shapes[1] == "16x1x8x8" and shapes[4] == "16x1x8x8"  # CFG pair; fakes + reals
+                     ("fake_score", "fwd+bwd"), ("fake_score", "fwd+bwd"), ("discriminator", "fwd+bwd"), ("discriminator", "fwd+bwd")]
+    assert [what.endswith("(to the bottleneck)") for _, what, _ in report.calls] == [False] * 5 + [True] + [False] * 2
+    shapes = [re.search(r"\d+(x\d+)+", what).group() for _, what, _ in report.calls]
+    assert shapes[0] == "8x1x8x8" and shapes[1] == "16x1x8x8" and shapes[4] == shapes[5] == "8x1x8x8"  # CFG pair; fakes, reals
+    assert shapes[6].startswith("16x")  # the head on [fakes; reals] bottleneck features
     assert report.bare > 0 and report.iteration > 0 and set(report.optimizer) == {"student", "fake_score", "discriminator"}
     assert report.ratio == report.iteration / report.bare
 

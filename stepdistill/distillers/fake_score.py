@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -129,11 +129,20 @@ class FakeScore(nn.Module):
         backpropagated. Called on this module, not its DDP wrapper: the gradients reach the same
         parameters and are all-reduced with the full pass's in the one backward. ``last_features``
         keeps the full pass's."""
+        return self.run_to_bottleneck(lambda: self(x_t, t, cond))
+
+    @property
+    def encoding(self) -> bool:
+        """True while an encoder-only pass runs (``stepdistill bench overhead`` records it as one)."""
+        return self._encoder_only
+
+    def run_to_bottleneck(self, forward: Callable[[], Any]) -> torch.Tensor:
+        """Run ``forward`` (a call that runs :attr:`network`) up to the bottleneck; its features."""
         if not hasattr(self, "_hook"):
             raise StepdistillError("FakeScore.encode needs the bottleneck hook: build the fake score with gan=True")
         self._encoder_only = True
         try:
-            self(x_t, t, cond)
+            forward()
         except _ReachedBottleneck as reached:
             return reached.args[0]
         finally:

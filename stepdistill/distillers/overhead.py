@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ class Call:
     grad: bool  # grad mode of the call
     lora_off: bool  # the network's LoRA adapters were disabled (the real score on a LoRA'd teacher)
     backward: bool = False  # its output took part in a backward pass
+    to_bottleneck: Any = None  # the FakeScore whose encoder-only pass this was (FakeScore.encode), else None
 
 
 @dataclass
@@ -114,11 +115,14 @@ def bench_networks(method) -> dict[str, nn.Module]:
 
 
 class Recorder:
-    """Forward hooks that record each call of the networks (inputs detached and cloned)."""
+    """Forward hooks that record each call of the networks (inputs detached and cloned). A call of
+    the fake score's network during its encoder-only pass (``fake_score``'s ``encoding``) stops at
+    the bottleneck: no forward hook fires for it, and its replay stops there too."""
 
-    def __init__(self, networks: dict[str, nn.Module]):
+    def __init__(self, networks: dict[str, nn.Module], fake_score=None):
         self.calls: list[Call] = []
         self.handles = []
+        self.fake_score = fake_score
         for name, network in networks.items():
             lora = _lora_layers(network)
             self.handles.append(network.register_forward_pre_hook(self._pre(name, lora), with_kwargs=True))
@@ -131,7 +135,12 @@ class Recorder:
             call = Call(module, name, tree_map(keep, args), tree_map(keep, kwargs), torch.is_grad_enabled(),
                         any(layer.disable_adapters for layer in lora))
             self.calls.append(call)
-            self._open.append(call)
+            fake = self.fake_score
+            if fake is not None and fake.encoding and module is fake.network:
+                call.to_bottleneck = fake  # its forward ends in an exception: no post-hook
+                call.backward = call.grad and any(p.requires_grad for p in module.parameters())
+            else:
+                self._open.append(call)
 
         return hook
 
@@ -156,7 +165,10 @@ def replay(call: Call) -> float:
     context = lora_disabled(call.network) if call.lora_off else contextlib.nullcontext()
     start = time.perf_counter()
     with context, torch.set_grad_enabled(call.grad):
-        out = call.network(*args, **kwargs)
+        if call.to_bottleneck is not None:
+            out = call.to_bottleneck.run_to_bottleneck(lambda: call.network(*args, **kwargs))
+        else:
+            out = call.network(*args, **kwargs)
         if call.backward:
             leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
             # A call fed by another network's output (the fake score under the generator's GAN
@@ -175,7 +187,7 @@ def _describe(call: Call) -> str:
     first = next((t for t in tree_leaves((call.args, call.kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
     shape = "x".join(str(n) for n in first.shape) if first is not None else "-"
     mode = "fwd+bwd" if call.backward else ("fwd" if call.grad else "fwd no_grad")
-    return f"{mode} {shape}" + (" (LoRA off)" if call.lora_off else "")
+    return f"{mode} {shape}" + (" (LoRA off)" if call.lora_off else "") + (" (to the bottleneck)" if call.to_bottleneck is not None else "")
 
 
 def measure_overhead(trainer, method, rounds: int = 3, warmup: int = 1) -> OverheadReport:
@@ -184,7 +196,8 @@ def measure_overhead(trainer, method, rounds: int = 3, warmup: int = 1) -> Overh
     for _ in range(warmup):
         trainer.train_step(step)
         step += 1
-    recorder = Recorder(bench_networks(method))
+    fake = getattr(method, "fake_score", None)
+    recorder = Recorder(bench_networks(method), fake_score=fake if hasattr(fake, "encoding") else None)
     try:
         trainer.train_step(step)  # the iteration whose calls are replayed (hooks on: not timed)
         step += 1

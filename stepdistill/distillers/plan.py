@@ -8,9 +8,10 @@ Roles, as the distillers build them (docs/memory.md):
 - ``teacher``: the frozen denoiser (``memory.teacher_dtype``, else fp32 as loaded);
 - ``student``: a full copy (fp32 master weights, computed in ``training.mixed_precision``) with
   its EMA, or a LoRA -- for DMD on its own copy of the base, for LCM-LoRA on the teacher's weights;
-- ``fake_score`` (DMD): a full copy, or a LoRA on the teacher's weights; with the GAN it trains on
-  the student's and the real samples together (twice the batch) and the generator's GAN loss
-  backpropagates through it; ``discriminator``: the GAN head on its bottleneck;
+- ``fake_score`` (DMD): a full copy, or a LoRA on the teacher's weights; with the GAN it also runs
+  the real samples, planned as twice the batch (an upper bound: the real rows run the encoder
+  alone, :meth:`~.fake_score.FakeScore.encode`), and the generator's GAN loss backpropagates
+  through it; ``discriminator``: the GAN head on its bottleneck;
 - ``text_encoder*``, ``vae``: frozen; in host memory with ``memory.release_encoders`` (the VAE
   stays on the GPU when real images are VAE-encoded every step).
 
@@ -180,7 +181,8 @@ def consistency_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
 def score_distillation_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
     """SDS / VSD / SiD / SiDA: G, the frozen teacher and (not SDS) the fake score. SiD's generator
     loss is differentiated through both scores' forwards (their activations add to G's backward);
-    SDS / VSD take their gradient without one. SiDA's fake score also runs the real samples (2x)."""
+    SDS / VSD take their gradient without one. SiDA's fake score also runs the real samples (planned
+    as 2x the batch: an upper bound, their pass stops at the bottleneck)."""
     p = _precision(recipe)
     through = ("student",) if recipe.method in ("sid", "sida") else ()
     student = _trained(recipe, configs, p, "student", recipe.student.lora_rank, recipe.student.lora_target_modules,

@@ -35,7 +35,8 @@ Generator losses (``L = 0.5 || x - sg(x - g) ||^2`` has the gradient g in x):
 Fake-score loss: ||f_phi(x_t) - target||^2 on sg(x), in the teacher's parameterization
 (:func:`~stepdistill.distillers.fake_score.denoising_loss`, shared with DMD2); SiDA adds
 lambda_D (softplus(D(x_t)) + softplus(-D(real_t))) with real samples from the data layer noised
-at the same t with the same eps.
+at the same t with the same eps, run through the fake score's encoder alone (SiDA's
+return_flag='encoder': :meth:`~.fake_score.FakeScore.encode`).
 
 Timesteps (``score_distillation.timesteps``):
     uniform   t ~ U[min_timestep, max_timestep] x T (DreamFusion, SwiftBrush, SiD-LSG: 2 % .. 98 %)
