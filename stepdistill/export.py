@@ -52,10 +52,12 @@ def make_student_scheduler(teacher_scheduler, num_steps: int, init_timestep: int
     sigmas already start at pure noise.
 
     ``init_timestep`` (one-step students of VP teachers; ``student.init_timestep``): the one step
-    runs at that timestep instead -- DDIM's "leading" spacing with ``steps_offset=init_timestep``
-    gives ``set_timesteps(1) == [init_timestep]``, and its step returns the x0 estimate, so a stock
-    ``DDIMPipeline`` / ``StableDiffusionPipeline`` with ``num_inference_steps=1`` runs the generator
-    exactly as trained. (More inference steps would index past the schedule: it is a one-step scheduler.)
+    runs at that timestep instead -- a trailing ``DDIMScheduler`` on the teacher's noise schedule cut
+    after ``init_timestep`` (its betas as ``trained_betas``, ``num_train_timesteps = init_timestep +
+    1``) gives ``set_timesteps(1) == [init_timestep]`` with the teacher's alpha_bar there, and its
+    step returns the x0 estimate, so a stock ``DDIMPipeline`` / ``StableDiffusionPipeline`` with
+    ``num_inference_steps=1`` runs the generator exactly as trained; asked for more steps, it stays
+    on the teacher's timesteps below ``init_timestep`` (the student was trained for one).
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise StepdistillError(f"num_steps must be a positive integer; got {num_steps!r}")
@@ -66,7 +68,9 @@ def make_student_scheduler(teacher_scheduler, num_steps: int, init_timestep: int
                                    f"teachers; this run has num_steps={num_steps} and a {type(teacher_scheduler).__name__}")
         if not 0 < init_timestep < train_steps:
             raise StepdistillError(f"student.init_timestep must lie in (0, {train_steps}); got {init_timestep}")
-        return DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="leading", steps_offset=int(init_timestep))
+        betas = teacher_scheduler.betas[: int(init_timestep) + 1]  # after any zero-SNR rescaling: not rescaled again
+        return DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing", num_train_timesteps=int(init_timestep) + 1,
+                                         trained_betas=betas.tolist(), rescale_betas_zero_snr=False)
     if isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher_scheduler.config)
     else:

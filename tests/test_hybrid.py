@@ -112,6 +112,9 @@ def test_bad_input_is_one_line(dirs, tmp_path, capsys):
         save_hybrid_pipeline(tmp_path / "eps_student", dirs / "teacher", tmp_path / "out")
     with pytest.raises(StepdistillError, match=r"teacher_steps must lie in \[0, num_inference_steps=3\]"):
         save_hybrid_pipeline(dirs / "student3", dirs / "teacher", tmp_path / "out", teacher_steps=4, num_inference_steps=3)
+    save_class_conditional_pipeline(unet(4), make_student_scheduler(scheduler(), 1, init_timestep=755), tmp_path / "init_student", num_inference_steps=1)
+    with pytest.raises(StepdistillError, match="the student's noise schedule ends at timestep 755 .student.init_timestep."):
+        save_hybrid_pipeline(tmp_path / "init_student", dirs / "teacher", tmp_path / "out")
     from diffusers import DDPMPipeline
 
     DDPMPipeline(unet=UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,

@@ -356,6 +356,18 @@ def test_init_timestep_runs_the_generator_there_and_the_exported_scheduler_agree
             stepped = scheduler.step(raw, scheduler.timesteps[0], noise).prev_sample
             torch.testing.assert_close(stepped, x0, atol=1e-5, rtol=1e-5)
     assert (outputs["600"] - outputs["999"]).abs().max() > 1e-2  # another timestep, another G
+    # The exported schedule is the teacher's cut after 600: the same alpha_bar, and a stock call with
+    # more steps stays on it (a one-step "leading" scheduler would index past the schedule).
+    scheduler = DDIMScheduler.from_config(moved.scheduler.config)
+    teacher_acp = moved.teacher.scheduler.alphas_cumprod
+    assert len(scheduler.alphas_cumprod) == 601 and torch.equal(scheduler.alphas_cumprod, teacher_acp[:601])
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist()[0] == 600 and scheduler.timesteps.tolist() == sorted(scheduler.timesteps.tolist(), reverse=True)
+    x = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(moved.teacher.guided_output(x, t.repeat(6), cond, 1.0), t, x).prev_sample
+    assert torch.isfinite(x).all()
 
 
 def test_init_timestep_is_refused_where_it_has_no_meaning():
