@@ -24,8 +24,9 @@ DMD adds a regression loss on teacher ODE pairs (noise z -> teacher sample y): L
   steps per generator step (default 5);
 - a GAN: a small head D on the fake score's bottleneck features (read with a forward hook),
   real = the recipe's data (``data.images`` through the data layer, or a latent cache), noised
-  at t like the fakes and run through the fake score's encoder alone (DMD2's classify_mode); non-saturating losses  L_D = softplus(-D(real_t)) + softplus(D(fake_t)),
-  L_G_gan = softplus(-D(fake_t)). No real data: the data-free variant (no GAN);
+  at t like the fakes and run through the fake score's encoder alone (DMD2's classify_mode);
+  non-saturating losses  L_D = softplus(-D(real_t)) + softplus(D(fake_t)), L_G_gan = softplus(-D(fake_t)).
+  No real data: the data-free variant (no GAN);
 - backward simulation for K-step students: the generator's input at step k is its own
   (no-grad) output after steps 0..k-1, at exactly the exported scheduler's timesteps.
 
