@@ -64,8 +64,9 @@ def _check_compatible(student, teacher) -> None:
         raise StepdistillError(f"the student predicts {ps} and the teacher {pt}: the hybrid pipeline steps both with the student's "
                                "scheduler, so they must share a parameterization")
     a, b = schedule_from_scheduler(student.scheduler), schedule_from_scheduler(teacher.scheduler)
-    if a.kind == "vp" and b.kind == "vp" and a.num_train_timesteps < b.num_train_timesteps:
-        raise StepdistillError(f"the student's noise schedule ends at timestep {a.num_train_timesteps - 1} (student.init_timestep), "
+    if a.kind == "vp" and b.kind == "vp" and a.num_train_timesteps != b.num_train_timesteps:
+        cut = " (student.init_timestep)" if a.num_train_timesteps < b.num_train_timesteps else ""
+        raise StepdistillError(f"the student's noise schedule ends at timestep {a.num_train_timesteps - 1}{cut}, "
                                f"the teacher's at {b.num_train_timesteps - 1}: a hybrid pipeline needs the whole schedule")
     if a.kind != b.kind or (a.kind == "vp" and not (a.alphas_cumprod - b.alphas_cumprod).abs().max() < 1e-9):
         raise StepdistillError("the student and the teacher have different noise schedules")

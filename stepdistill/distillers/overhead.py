@@ -196,8 +196,10 @@ def measure_overhead(trainer, method, rounds: int = 3, warmup: int = 1) -> Overh
     for _ in range(warmup):
         trainer.train_step(step)
         step += 1
+    from .fake_score import FakeScore
+
     fake = getattr(method, "fake_score", None)
-    recorder = Recorder(bench_networks(method), fake_score=fake if hasattr(fake, "encoding") else None)
+    recorder = Recorder(bench_networks(method), fake_score=fake if isinstance(fake, FakeScore) else None)
     try:
         trainer.train_step(step)  # the iteration whose calls are replayed (hooks on: not timed)
         step += 1
