@@ -17,8 +17,6 @@ from __future__ import annotations
 import colorsys
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -128,28 +126,14 @@ def make_shapes(folder: str | os.PathLike, num_images: int = 10000, seed: int = 
     the end, so an interrupted call leaves nothing behind. A non-empty ``folder`` is refused
     unless ``overwrite``.
     """
-    folder = Path(folder)
+    from ..atomic import atomic_directory
+
     if num_images < 1 or size < 1:
         raise StepdistillError(f"num_images and size must be positive; got {num_images}, {size}")
-    if folder.exists() and not folder.is_dir():
-        raise StepdistillError(f"{folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise StepdistillError(f"{folder} is not empty: choose another folder or pass --overwrite")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    folder = Path(folder)
+    with atomic_directory(folder, overwrite=overwrite) as staging:
         digits = max(5, len(str(num_images - 1)))
         for index in range(num_images):
             shapes_image(seed, index, size).save(staging / f"{index:0{digits}d}.png")
         (staging / "README.md").write_text(_readme(folder, num_images, seed, size))
-        if folder.is_dir():
-            replaced = folder.with_name(staging.name + "-old")
-            folder.rename(replaced)
-            staging.rename(folder)
-            shutil.rmtree(replaced)
-        else:
-            staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
