@@ -13,16 +13,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "stepdistill"
 
 # a layer may import itself and anything in a layer further down this list
 LAYERS = [
-    ("benchmarks and the CLI", {"cli", "digits", "shapes", "sample", "__init__"}),
+    ("benchmarks and the CLI", {"cli", "digits", "shapes", "t2i", "sample", "__init__"}),
     ("distillers", {"distillers"}),
     ("training", {"training"}),
     ("evaluation", {"evaluation", "metrics", "images"}),
     ("export and pipelines", {"export", "model_card", "pipelines", "hybrid", "attention", "planning", "sampling"}),
     ("teachers", {"teachers"}),
     ("data", {"data"}),
-    ("foundations", {"schedule", "config", "errors", "plugins"}),
+    ("foundations", {"schedule", "config", "errors", "plugins", "atomic"}),
 ]
-BENCHMARKS = {"digits", "shapes"}
+BENCHMARKS = {"digits", "shapes", "t2i"}
 
 
 def layer_of(top: str) -> int:

@@ -29,14 +29,7 @@ from torch import nn
 
 from ..errors import StepdistillError
 from ..export import make_student_scheduler, student_timesteps
-
-
-def denoiser_name(teacher) -> str:
-    """The attribute holding the teacher's denoising network ("unet" or "transformer")."""
-    for name in ("unet", "transformer"):
-        if isinstance(getattr(teacher, name, None), nn.Module):
-            return name
-    raise StepdistillError(f"{type(teacher).__name__} has no 'unet' or 'transformer' network")
+from ..teachers.base import PreparedNetwork, denoiser_name, with_network  # noqa: F401 (re-exported)
 
 
 def pipeline_timestep_kwargs(teacher, sample_shape, num_steps: int) -> dict:
@@ -44,35 +37,6 @@ def pipeline_timestep_kwargs(teacher, sample_shape, num_steps: int) -> dict:
     count: nothing for VP teachers; ``mu`` (resolution shift) and ``sigmas`` for Flux."""
     kwargs = teacher.sampler_kwargs(sample_shape, num_steps) if hasattr(teacher, "sampler_kwargs") else {}
     return {k: v for k, v in kwargs.items() if v is not None}
-
-
-class PreparedNetwork:
-    """A role as ``accelerator.prepare`` returned it (a DDP wrapper) seen as its network: calls go
-    through the wrapper (its hooks run), attributes (``dtype``, ``config``) come from the network."""
-
-    def __init__(self, prepared: nn.Module):
-        self.prepared = prepared
-        self.network = prepared.module
-
-    def __call__(self, *args, **kwargs):
-        return self.prepared(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self.network, name)
-
-
-def with_network(teacher, network: nn.Module):
-    """A shallow copy of the teacher adapter whose denoiser is ``network`` (everything else shared).
-    ``network`` may be a prepared (DDP-wrapped) role: the adapter then calls it through the wrapper."""
-    clone = copy.copy(teacher)
-    clone._modules = dict(teacher._modules)
-    name = denoiser_name(teacher)
-    if hasattr(network, "module") and not hasattr(network, "config"):  # a DDP / accelerate wrapper
-        clone._modules.pop(name)
-        clone.__dict__[name] = PreparedNetwork(network)
-    else:
-        clone._modules[name] = network
-    return clone
 
 
 class StudentSampler:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..errors import StepdistillError
 from ..schedule import NoiseSchedule, canonical_prediction_type, classifier_free_guidance
 
 
@@ -197,4 +198,46 @@ class Teacher(nn.Module):
         return next(self.parameters()).dtype
 
 
-__all__ = ["Conditioning", "Teacher"]
+
+
+# -- running another network through a teacher's adapter ---------------------------------------
+def denoiser_name(teacher) -> str:
+    """The attribute holding the teacher's denoising network ("unet" or "transformer")."""
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(teacher, name, None), nn.Module):
+            return name
+    raise StepdistillError(f"{type(teacher).__name__} has no 'unet' or 'transformer' network")
+
+
+class PreparedNetwork:
+    """A role as ``accelerator.prepare`` returned it (a DDP wrapper) seen as its network: calls go
+    through the wrapper (its hooks run), attributes (``dtype``, ``config``) come from the network."""
+
+    def __init__(self, prepared: nn.Module):
+        self.prepared = prepared
+        self.network = prepared.module
+
+    def __call__(self, *args, **kwargs):
+        return self.prepared(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.network, name)
+
+
+def with_network(teacher, network: nn.Module):
+    """A shallow copy of the teacher adapter whose denoiser is ``network`` (everything else shared).
+    ``network`` may be a prepared (DDP-wrapped) role: the adapter then calls it through the wrapper."""
+    import copy
+
+    clone = copy.copy(teacher)
+    clone._modules = dict(teacher._modules)
+    name = denoiser_name(teacher)
+    if hasattr(network, "module") and not hasattr(network, "config"):  # a DDP / accelerate wrapper
+        clone._modules.pop(name)
+        clone.__dict__[name] = PreparedNetwork(network)
+    else:
+        clone._modules[name] = network
+    return clone
+
+
+__all__ = ["Conditioning", "PreparedNetwork", "Teacher", "denoiser_name", "with_network"]

@@ -163,8 +163,17 @@ def train_teacher(
     progress: bool = True,
     evaluate: bool = True,
 ) -> Path:
-    """Train a pixel teacher from a recipe and export its EMA weights to ``output_dir/pipeline``."""
+    """Train a teacher from a recipe: a pixel UNet (exported to ``output_dir/pipeline``), or, for
+    latent text-to-image teachers (:mod:`stepdistill.training.latent_teacher`), the autoencoder
+    (``autoencoder:`` recipes, exported to ``output_dir/vae``) or the denoiser (``family:``
+    recipes, the family's stock pipeline in ``output_dir/pipeline``)."""
     from ..data import open_images
+    from . import latent_teacher
+
+    kind = latent_teacher.recipe_kind(load_yaml(recipe_path))
+    if kind != "pixel":
+        train = latent_teacher.train_autoencoder if kind == "vae" else latent_teacher.train_latent_teacher
+        return train(recipe_path, output_dir, resume=resume, overwrite=overwrite, overrides=overrides, set_items=set_items, progress=progress)
 
     recipe = load_teacher_recipe(recipe_path, overrides, set_items)
     d = recipe.data
@@ -172,7 +181,8 @@ def train_teacher(
     dataset = open_images(d.images, resolution=resolution, center_crop=d.center_crop, image_column=d.image_column,
                           label_column=d.label_column, split=d.split)
     if dataset.kind == "text":
-        raise RecipeError(f"train-teacher trains unconditional or class-conditional pixel teachers; {d.images} holds captions (text-to-image)")
+        raise RecipeError(f"{d.images} holds captions (text-to-image): train a latent text-to-image teacher with a `family:` recipe "
+                          "(configs/t2i_sd_teacher.yaml, configs/t2i_flow_teacher.yaml; docs/t2i.md)")
     if progress:
         print(f"stepdistill train-teacher: {dataset.summary()}", flush=True)
     with seed_run(recipe.training):  # the initial weights are part of the run's determinism
