@@ -5,12 +5,15 @@
     stepdistill train-classifier --output outputs/digits_classifier.safetensors
     stepdistill bench digits [PIPELINE_DIR]
     stepdistill bench overhead RECIPE [--set key.sub=value ...]
+    stepdistill bench t2i DIR_OR_NAME --steps 1 2 4 --guidance-scale 1 4 [--num-samples N] [--json]
+    stepdistill bench t2i --ladder [--num-samples N] [--json]
     stepdistill export RUN_DIR OUTPUT_DIR
     stepdistill hybrid STUDENT_DIR OUTPUT_DIR --teacher digits --teacher-steps 1
     stepdistill plan configs/sdxl_dmd2.yaml --set teacher.path=DIR [--gpus 24 48 80]
     stepdistill curve RUN_DIR [RUN_DIR ...] --output curve.png
     stepdistill sample PIPELINE_DIR --output grid.png
     stepdistill data shapes OUTPUT_DIR [--num-images N] [--seed S]
+    stepdistill data t2i OUTPUT_DIR [--seed S] [--train-images N] [--test-images N] [--heldout-images N]
     stepdistill features ladder REAL_DIR OTHER_REAL_DIR --feature random-conv
 
 Every subcommand imports its heavy modules lazily, so ``--help`` is instant. Bad input
@@ -101,19 +104,58 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             raise StepdistillError("bench overhead needs a distillation RECIPE (e.g. configs/sd15_dmd2.yaml --set teacher.path=DIR)")
         print(bench_overhead(args.pipeline_dir, set_items=args.set, rounds=args.rounds))
         return
-    from .digits.bench import format_table, run_bench
+    if args.benchmark == "t2i":
+        _cmd_bench_t2i(args)
+        return
+    from .digits.bench import DEFAULT_GUIDANCE_SCALES, DEFAULT_STEPS, format_table, run_bench
 
+    output_dir = args.output_dir or "outputs/bench"
     results = run_bench(
         pipeline_dir=args.pipeline_dir,
-        output_dir=args.output_dir,
-        num_samples=args.num_samples,
-        steps=tuple(args.steps),
-        guidance_scales=tuple(args.guidance_scales),
-        batch_size=args.batch_size,
+        output_dir=output_dir,
+        num_samples=2000 if args.num_samples is None else args.num_samples,
+        steps=tuple(args.steps or DEFAULT_STEPS),
+        guidance_scales=tuple(args.guidance_scales or DEFAULT_GUIDANCE_SCALES),
+        batch_size=256 if args.batch_size is None else args.batch_size,
         seed=args.seed,
     )
     print(format_table(results))
-    print(f"\nwritten: {os.path.join(args.output_dir, 'bench.json')}, {os.path.join(args.output_dir, 'bench.md')}")
+    print(f"\nwritten: {os.path.join(output_dir, 'bench.json')}, {os.path.join(output_dir, 'bench.md')}")
+
+
+def _cmd_bench_t2i(args: argparse.Namespace) -> None:
+    """``bench t2i DIR_OR_NAME``: the table, or with ``--json`` one JSON object (its ``rows``; with
+    one (steps, guidance) its fields at the top level too). ``bench t2i --ladder``: the sanity ladder."""
+    import json
+
+    from .t2i import bench
+
+    num_samples = bench.DEFAULT_NUM_SAMPLES if args.num_samples is None else args.num_samples
+    heldout = bench.DEFAULT_HELDOUT_SAMPLES if args.heldout_samples is None else args.heldout_samples
+    if args.ladder:
+        rows = bench.ladder(num_samples, samples_per_prompt=args.samples_per_prompt, seed=args.seed)
+        print(json.dumps({"benchmark": "t2i", "ladder": True, "n": num_samples, "rows": rows}) if args.json else bench.format_ladder(rows))
+        return
+    if args.pipeline_dir is None:
+        raise StepdistillError(f"bench t2i needs a pipeline directory or a teacher name ({', '.join(bench.TEACHERS)}), or --ladder")
+    results = bench.run_bench(
+        args.pipeline_dir,
+        output_dir=args.output_dir,
+        steps=tuple(args.steps or bench.DEFAULT_STEPS),
+        guidance_scales=tuple(args.guidance_scales or bench.DEFAULT_GUIDANCE_SCALES),
+        num_samples=num_samples,
+        heldout_samples=heldout,
+        samples_per_prompt=args.samples_per_prompt,
+        batch_size=64 if args.batch_size is None else args.batch_size,
+        seed=args.seed,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(bench.json_object(results)))
+        return
+    print(bench.format_table(results))
+    if args.output_dir is not None:
+        print(f"\nwritten: {os.path.join(args.output_dir, 'bench.json')}, {os.path.join(args.output_dir, 'bench.md')}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -199,6 +241,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
+    if args.dataset == "t2i":
+        from .t2i.data import make_t2i
+
+        counts = {k: v for k, v in (("train", args.train_images), ("test", args.test_images), ("heldout", args.heldout_images)) if v is not None}
+        out = make_t2i(args.output_dir, counts=counts, seed=args.seed, overwrite=args.overwrite)
+        print(f"t2i images (seed {args.seed}) written to {out}: train/, test/, heldout/ with metadata.jsonl captions")
+        return
     from .shapes import make_shapes
 
     out = make_shapes(args.output_dir, num_images=args.num_images, seed=args.seed, size=args.size, overwrite=args.overwrite)
@@ -303,22 +352,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_train_classifier)
 
-    p = sub.add_parser("bench", help="run a reference benchmark (digits) on a pipeline directory",
+    p = sub.add_parser("bench", help="run a reference benchmark (digits, t2i) on a pipeline directory",
                        description="FD and class accuracy at several step counts, with and without CFG, the noise "
-                       "floor, and images/second. Writes bench.json and bench.md.")
-    p.add_argument("benchmark", choices=["digits", "overhead"],
+                       "floor, and images/second. Writes bench.json and bench.md. t2i: prompt accuracy (overall, per "
+                       "attribute, held-out pairs), FD, precision / recall and per-prompt diversity of a text-to-image "
+                       "pipeline; --json prints one JSON object (`rows`; with one steps x guidance its fields at the top "
+                       "level too); --ladder: the metrics' sanity ladder on real images.")
+    p.add_argument("benchmark", choices=["digits", "overhead", "t2i"],
                    help="digits: the reference benchmark of a pipeline; overhead: a distillation recipe's training iteration "
-                   "against its networks' bare forward+backward passes")
+                   "against its networks' bare forward+backward passes; t2i: the text-to-image benchmark")
     p.add_argument("pipeline_dir", nargs="?", default=None, metavar="PIPELINE_DIR | RECIPE",
-                   help="digits: diffusers pipeline directory (default: the shipped digits teacher); overhead: a distillation recipe")
+                   help="digits: diffusers pipeline directory (default: the shipped digits teacher); overhead: a distillation recipe; "
+                   "t2i: a text-to-image pipeline directory or a teacher name (t2i-sd, t2i-flow)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="overhead: " + set_help)
     p.add_argument("--rounds", type=int, default=3, help="overhead: timed iterations, alternating with bare replays (medians)")
-    p.add_argument("--output-dir", default="outputs/bench", help="where bench.json and bench.md are written")
-    p.add_argument("--num-samples", type=int, default=2000, help="samples per configuration (compare FD only at equal N)")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10, 50], help="step counts")
-    p.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 2.0],
-                   help="CFG scales, convention uncond + w (cond - uncond); 1 = no guidance")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--output-dir", default=None, help="where bench.json and bench.md are written (digits default: outputs/bench; "
+                   "t2i: only when given)")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per configuration (default 2000; t2i: seen-prompt "
+                   "samples; compare FD only at equal N)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 1 2 4 10 50)")
+    p.add_argument("--guidance-scales", "--guidance-scale", type=float, nargs="+", default=None,
+                   help="CFG scales, convention uncond + w (cond - uncond); 1 = no guidance (default: digits 1 2, t2i 1 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: digits 256, t2i 64")
+    p.add_argument("--heldout-samples", type=int, default=None, help="t2i: held-out-prompt samples (default 500; 0: none)")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="t2i: seeds per prompt (per-prompt diversity needs >= 2)")
+    p.add_argument("--json", action="store_true", help="t2i: print one JSON object instead of the table")
+    p.add_argument("--ladder", action="store_true", help="t2i: the sanity ladder of both metrics on real images (no pipeline)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
 
@@ -377,14 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "that has one; never a directory inside an installed package (e.g. the shipped digits teacher)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("data", help="make a reference benchmark's image folder (shapes)",
+    p = sub.add_parser("data", help="make a reference benchmark's image folder (shapes, t2i)",
                        description="Write the shapes benchmark's images: a flat folder of procedural RGB PNGs "
-                       "(00000.png ...) and a README.md saying how it was made. See docs/shapes.md.")
-    p.add_argument("dataset", choices=["shapes"], help="which data")
+                       "(00000.png ...) and a README.md saying how it was made. See docs/shapes.md. t2i: train/, test/ "
+                       "and heldout/ folders of captioned 32x32 scenes (metadata.jsonl), see docs/t2i.md.")
+    p.add_argument("dataset", choices=["shapes", "t2i"], help="which data")
     p.add_argument("output_dir", help="folder to write (made atomically; must be empty or absent)")
     p.add_argument("--num-images", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0, help="0: the training folder and FD reference; 1: fresh images for the noise floor")
     p.add_argument("--size", type=int, default=16, help="image side in pixels")
+    p.add_argument("--train-images", type=int, default=None, help="t2i: training-split images (default 10000)")
+    p.add_argument("--test-images", type=int, default=None, help="t2i: test-split images (default 2000)")
+    p.add_argument("--heldout-images", type=int, default=None, help="t2i: held-out-split images (default 500)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_data)
 
