@@ -313,6 +313,9 @@ def _check(value: Any, hint: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        sections = [a for a in options if dataclasses.is_dataclass(a)]
+        if isinstance(value, Mapping) and len(sections) == 1:
+            return _check(value, sections[0], path)  # an optional section: its own error names the key
         for option in options:
             try:
                 return _check(value, option, path)
