@@ -274,6 +274,21 @@ def _cmd_features(args: argparse.Namespace) -> None:
     print(format_ladder(ladder["rows"]))
 
 
+def _cmd_schema(args: argparse.Namespace) -> None:
+    import json
+
+    if args.kind == "teacher":
+        from .config import json_schema
+        from .training.teacher import TeacherRecipe
+
+        schema = {**json_schema(TeacherRecipe), "title": "stepdistill train-teacher recipe"}
+    else:
+        from .distillers.registry import recipe_schema
+
+        schema = recipe_schema()
+    print(json.dumps(schema, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepdistill",
@@ -465,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the Gaussian noise")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=_cmd_features)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the recipe format (for editors that complete and check YAML)",
+                       description="Print the JSON Schema (draft 2020-12) of distillation recipes (`stepdistill distill`) or "
+                       "teacher recipes (`stepdistill train-teacher`): types, choices, numeric ranges, defaults, and no "
+                       "unknown keys. E.g. `stepdistill schema > recipe.schema.json`, then point the editor's YAML "
+                       "schema setting at it (or a `# yaml-language-server: $schema=recipe.schema.json` first line).")
+    p.add_argument("--kind", choices=["distill", "teacher"], default="distill", help="which recipe format (default: distill)")
+    p.set_defaults(func=_cmd_schema)
     return parser
 
 

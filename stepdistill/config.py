@@ -165,6 +165,17 @@ class TrainingConfig:
 
 # --------------------------------------------------------------------------------------------
 # Validation
+#
+# Why a hand-written validator and not pydantic v2 (issue 23; pydantic's `extra="forbid"`,
+# `Field(ge=...)` and `Literal` would cover the same checks): the recipes are plain dataclasses
+# that the rest of the code builds, copies with `dataclasses.replace` (staged methods), walks
+# with `dataclasses.fields` (`--set` key checks, `to_dict` for run.json, the memory planner) and
+# that a method extends with one more dataclass. This module is ~250 lines with no dependency,
+# and its messages are what users read: one line naming the key, its section and the nearest
+# valid key (difflib) -- pydantic reports `extra_forbidden` without a suggestion and in several
+# lines, so we would wrap its errors and keep most of this code anyway. It also accepts YAML 1.1's
+# `1e-4` string as a float, and checks ranges on every item of a list. The JSON Schema that
+# editors read (`stepdistill schema`) is derived from the same dataclasses: :func:`json_schema`.
 # --------------------------------------------------------------------------------------------
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
@@ -313,6 +324,9 @@ def _check(value: Any, hint: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        sections = [a for a in options if dataclasses.is_dataclass(a)]
+        if isinstance(value, Mapping) and len(sections) == 1:
+            return _check(value, sections[0], path)  # an optional section: its own error names the key
         for option in options:
             try:
                 return _check(value, option, path)
@@ -360,6 +374,109 @@ def _check(value: Any, hint: Any, path: str) -> Any:
     raise TypeError(f"recipe field '{path}' has an unsupported annotation {hint!r}")  # a bug, not user input
 
 
+# --------------------------------------------------------------------------------------------
+# JSON Schema of a recipe (draft 2020-12), from the dataclasses the validator reads
+# --------------------------------------------------------------------------------------------
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+_RANGE_KEYWORDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the recipe dataclass ``cls``: what :func:`from_dict`
+    accepts, for editors that complete and check YAML. Types (``Literal`` -> ``enum``,
+    ``Optional`` -> or null, tuples -> fixed-length arrays), :func:`bounded` ranges ->
+    ``minimum`` / ``maximum`` / ``exclusive*`` (on every item of a list), required fields,
+    defaults, each field's comment as its description, and ``additionalProperties: false`` on
+    every section, so a typo'd key is an error. (A section's ``validate()`` rules across fields
+    are not expressed.)"""
+    return {"$schema": JSON_SCHEMA_DIALECT, **_object_schema(cls)}
+
+
+def _object_schema(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    properties, required = {}, []
+    for f in dataclasses.fields(cls):
+        schema = _type_schema(hints[f.name])
+        if "range" in f.metadata:
+            schema = _with_range(schema, f.metadata["range"])
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if not dataclasses.is_dataclass(default):  # a section's defaults are its fields'
+                schema["default"] = to_dict({"v": default})["v"]
+        if f.name in comments:
+            schema["description"] = comments[f.name]
+        properties[f.name] = schema
+    out: dict[str, Any] = {"title": cls.__name__, "type": "object", "properties": properties, "additionalProperties": False}
+    if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("):  # not the dataclass-made signature
+        out["description"] = " ".join(cls.__doc__.split("\n\n")[0].split())
+    if required:
+        out["required"] = required
+    return out
+
+
+def _type_schema(hint: Any) -> dict[str, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _object_schema(hint)
+    if origin in (Union, types.UnionType):
+        options = [_type_schema(a) for a in args if a is not type(None)]
+        if type(None) in args and len(options) == 1 and isinstance(options[0].get("type"), str):
+            return {**options[0], "type": [options[0]["type"], "null"]}  # Optional[X]: X's keywords hold for X only
+        if type(None) in args and len(options) == 1 and "enum" in options[0]:
+            return {"enum": [*options[0]["enum"], None]}
+        if type(None) in args:
+            options.append({"type": "null"})
+        return options[0] if len(options) == 1 else {"anyOf": options}
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return {"type": "array", "prefixItems": [_type_schema(a) for a in args], "items": False,
+                    "minItems": len(args), "maxItems": len(args)}
+        return {"type": "array", "items": _type_schema(args[0]) if args else {}}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _type_schema(args[1]) if args else {}}
+    simple = {float: "number", int: "integer", str: "string", bool: "boolean"}
+    if hint in simple:
+        return {"type": simple[hint]}
+    if hint is Any:
+        return {}
+    raise TypeError(f"no JSON Schema for the recipe annotation {hint!r}")  # a bug, as in _check
+
+
+def _with_range(schema: dict[str, Any], bounds: Mapping[str, float]) -> dict[str, Any]:
+    """``bounds`` on the numbers of ``schema``: itself, each item of an array, each branch of anyOf."""
+    schema = dict(schema)
+    kinds = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    if "number" in kinds or "integer" in kinds:
+        schema.update({_RANGE_KEYWORDS[k]: v for k, v in bounds.items()})
+    elif "array" in kinds:
+        if "prefixItems" in schema:
+            schema["prefixItems"] = [_with_range(s, bounds) for s in schema["prefixItems"]]
+        elif isinstance(schema.get("items"), dict):
+            schema["items"] = _with_range(schema["items"], bounds)
+    elif "anyOf" in schema:
+        schema["anyOf"] = [_with_range(s, bounds) for s in schema["anyOf"]]
+    return schema
+
+
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The comment at the end of each field's line in the class source (none when it has no source)."""
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2) for m in map(_FIELD_COMMENT.match, lines) if m}
+
+
 def _type_error(path: str, hint: Any, value: Any) -> RecipeError:
     return RecipeError(f"field '{path}' expects {_type_name(hint)}; got {_describe(value)}")
 
@@ -399,6 +516,7 @@ __all__ = [
     "OptimizerConfig",
     "TrainingConfig",
     "from_dict",
+    "json_schema",
     "load_recipe",
     "load_yaml",
     "merge",

@@ -1,5 +1,6 @@
 """The command line: help, one-line errors with exit status 2, and the sample command."""
 
+import argparse
 import subprocess
 import sys
 
@@ -12,21 +13,46 @@ from tiny_pipelines import tiny_pixel_unet
 from stepdistill.cli import build_parser, main
 from stepdistill.export import save_class_conditional_pipeline
 
-SUBCOMMANDS = ["train-teacher", "train-classifier", "bench", "export", "sample", "curve"]
+
+def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command of the CLI, found by walking the argparse parser (so a new one is covered
+    the moment it is added): each subcommand, each nested subparser, and each choice of a
+    subcommand's positional argument that names a nested command (``bench digits``, ``data shapes``,
+    ``features ladder`` ...)."""
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths.append((*prefix, name))
+                paths += command_paths(sub, (*prefix, name))
+        elif not action.option_strings and action.choices and prefix:
+            paths += [(*prefix, str(choice)) for choice in action.choices]
+    return paths
+
+
+COMMANDS = command_paths(build_parser())
+SUBCOMMANDS = [path[0] for path in COMMANDS if len(path) == 1]
+
+
+def test_the_walk_finds_every_command():
+    assert len(SUBCOMMANDS) >= 12 and {"distill", "plan", "eval", "hybrid"} <= set(SUBCOMMANDS)
+    assert {("bench", "digits"), ("bench", "overhead"), ("data", "shapes"), ("features", "ladder")} <= set(COMMANDS)
 
 
 def test_console_script_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "stepdistill.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for name in SUBCOMMANDS:
-        assert name in out
+    missing = [name for name in SUBCOMMANDS if name not in out]
+    assert not missing, missing
 
 
-@pytest.mark.parametrize("name", SUBCOMMANDS)
-def test_each_subcommand_has_help(name, capsys):
+@pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
+def test_each_command_has_help(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args([name, "--help"])
+        build_parser().parse_args([*path, "--help"])
     assert exit_info.value.code == 0
-    assert "usage: stepdistill " + name in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("usage: stepdistill " + path[0]), out[:200]
+    assert path[-1] in out and len(out.splitlines()) > 3  # a nested command is named in its parent's help
 
 
 def _one_line_error(capsys, argv, match):

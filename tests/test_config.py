@@ -58,6 +58,20 @@ def test_unknown_top_level_key_and_nested_dict_section():
     assert "'learning_rate'" in msg and "optimizers.student" in msg
 
 
+def test_unknown_key_in_an_optional_section_names_key_and_nearest_valid_key():
+    @dataclass
+    class WithOptional:
+        ema: Optional[Section] = None
+
+    with pytest.raises(RecipeError) as info:
+        from_dict(WithOptional, {"ema": {"stpes": 3}})
+    msg = str(info.value)  # was: field 'ema' expects a mapping (Section) or null
+    assert "'stpes'" in msg and "section 'ema'" in msg and "did you mean 'steps'" in msg
+    assert from_dict(WithOptional, {"ema": None}).ema is None
+    with pytest.raises(RecipeError, match="field 'ema' expects a mapping"):
+        from_dict(WithOptional, {"ema": 3})
+
+
 def test_unknown_key_without_close_match_lists_valid_keys():
     msg = error_of({"teacher": "t", "section": {"zzzzzz": 1}})
     assert "'zzzzzz'" in msg and "valid keys" in msg and "steps" in msg

@@ -119,7 +119,7 @@ def test_release_encoders_caches_every_caption_and_keeps_encoders_off_the_device
     on_device = method.teacher_on_device()
     assert set(on_device.keys()) == {"denoiser"} and on_device["denoiser"] is teacher.transformer  # latents: no VAE on the device
     assert method.roles()["teacher"].module is not teacher  # the frozen role holds the denoiser alone
-    method.place_teacher("meta")  # any other device: only the denoiser moves
+    method.roles()["teacher"].module.to("meta")  # any other device: only the denoiser moves
     assert teacher.transformer.device.type == "meta"
     assert {p.device.type for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae") for p in getattr(teacher, n).parameters()} == {"cpu"}
 

@@ -4,9 +4,15 @@ A :class:`Distiller` is a :class:`~stepdistill.training.TrainingMethod` built fr
 a validated recipe (:mod:`.recipe`) and the run's data (:class:`RunData`). It owns the student
 (``self.student``), the scheduler the student is exported with (``self.scheduler``, K =
 ``self.num_steps`` steps) and its sampling loop (``self.sampler``), and knows how to draw
-evaluation samples and which network to export. Subclasses implement ``roles`` and
-``training_step`` and set ``export_from_ema`` (DMD exports the EMA; LCM's EMA is its target
-network, so it exports the online student).
+evaluation samples and which network to export. Subclasses implement ``method_roles`` (their
+own roles: student, fake score, GAN head ...) and ``training_step`` and set ``export_from_ema``
+(DMD exports the EMA; LCM's EMA is its target network, so it exports the online student).
+
+The teacher is placed one way: :meth:`Distiller.roles` is final and adds the frozen "teacher"
+role itself (:meth:`Distiller.teacher_role`, which honours ``memory.release_encoders``). A
+subclass that overrides ``roles`` is a TypeError when the class is defined; ``method_roles``
+returning a "teacher" role, or the teacher (or its denoiser) as a frozen role, is a TypeError
+when the roles are read.
 """
 
 from __future__ import annotations
@@ -93,14 +99,45 @@ class Distiller(TrainingMethod):
             raise RecipeError(f"optimizers: unknown role(s) {sorted(unknown)} for {method}; its trained roles: {', '.join(trained)}")
         return {name: opts.get(name, OptimizerConfig()) for name in trained}
 
-    def teacher_role(self) -> Role:
-        """The frozen "teacher" role (when no trained role runs on the teacher's own weights)."""
-        return Role(self.teacher_on_device())
+    def teacher_role(self, trained: bool = False) -> Role | None:
+        """The frozen "teacher" role: :meth:`teacher_on_device`. ``trained``: a trained role runs
+        on the teacher's own denoiser (a LoRA on its weights), which that role places; the
+        teacher role then holds the rest of :meth:`teacher_on_device` (None when nothing is left)."""
+        on_device = self.teacher_on_device()
+        if not trained:
+            return Role(on_device)
+        denoiser = getattr(self.teacher, denoiser_name(self.teacher))
+        rest = {name: module for name, module in on_device.named_children() if module is not denoiser}
+        return Role(nn.ModuleDict(rest)) if rest else None
 
-    def place_teacher(self, device) -> None:
-        """Put :meth:`teacher_on_device` on ``device``: for a teacher that is no role of its own
-        (a LoRA on its weights is trained), called at each step (a no-op once there)."""
-        self.teacher_on_device().to(device)
+    # -- roles: the method's own, plus the teacher's, placed here only ----------------------------
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "roles" in vars(cls):
+            raise TypeError(f"{cls.__name__} overrides Distiller.roles(): declare the method's own roles in method_roles(); "
+                            "the base class adds the teacher's (teacher_role(), which honours memory.release_encoders)")
+
+    def method_roles(self) -> dict[str, Role]:
+        """The roles this method owns (student, fake score, GAN head, a previous stage's student ...),
+        never the teacher's: :meth:`roles` adds that one."""
+        raise NotImplementedError
+
+    def roles(self) -> dict[str, Role]:
+        """:meth:`method_roles` plus the frozen "teacher" role from :meth:`teacher_role`."""
+        roles = dict(self.method_roles())
+        denoiser = getattr(self.teacher, denoiser_name(self.teacher))
+        if "teacher" in roles:
+            raise TypeError(f"{type(self).__name__}.method_roles() returned a 'teacher' role: the base class builds it (teacher_role())")
+        teacher_parts = {id(self.teacher), *(id(part) for part in self.teacher.children())}  # denoiser, text encoders, VAE
+        for name, role in roles.items():
+            if role.optimizer is None and any(id(m) in teacher_parts for m in role.module.modules()):
+                raise TypeError(f"{type(self).__name__}.method_roles(): frozen role '{name}' holds the teacher or one of its "
+                                "networks; the base class places them (teacher_role())")
+        trained_on_teacher = any(m is denoiser for role in roles.values() if role.optimizer is not None for m in role.module.modules())
+        teacher = self.teacher_role(trained=trained_on_teacher)
+        if teacher is not None:
+            roles["teacher"] = teacher
+        return roles
 
     # -- guidance of the exported student -------------------------------------------------------
     @property

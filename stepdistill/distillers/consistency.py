@@ -186,12 +186,9 @@ class ConsistencyDistillation(Distiller):
             student.requires_grad_(True)
         self.student = student.train()
 
-    def roles(self) -> dict[str, Role]:
+    def method_roles(self) -> dict[str, Role]:
         opts = self.optimizer_configs(("student",), "consistency distillation")
-        roles = {"student": Role(self.student, optimizer=opts["student"], ema=self.ema)}
-        if not self.shares_teacher_weights:
-            roles["teacher"] = self.teacher_role()
-        return roles
+        return {"student": Role(self.student, optimizer=opts["student"], ema=self.ema)}
 
     def timestep_kwargs(self, num_steps: int) -> dict:
         """``set_timesteps`` arguments of the stock pipeline at this resolution (Flux: mu, sigmas)."""
@@ -264,8 +261,6 @@ class ConsistencyDistillation(Distiller):
 
     # -- one step ------------------------------------------------------------------------------
     def training_step(self, ctx: StepContext) -> dict[str, Any]:
-        if self.shares_teacher_weights:
-            self.place_teacher(ctx.device)
         flips = ctx.rand() < 0.5 if self.real.random_flip else None
         x0, cond = self.real.batch(ctx.sample_indices(len(self.real)), ctx.device, flips=flips)
         n = ctx.randint(0, len(self.grid))

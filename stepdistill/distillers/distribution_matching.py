@@ -154,7 +154,7 @@ class DistributionMatchingMethod(Distiller):
                 raise RecipeError("dmd: the regression loss is defined for one-step students (student.num_steps: 1)")
 
     # -- roles --------------------------------------------------------------------------------
-    def roles(self) -> dict[str, Role]:
+    def method_roles(self) -> dict[str, Role]:
         opts = self.optimizer_configs(("student", "fake_score", "discriminator"), f"method '{self.variant}'")
         roles = {
             "student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema),
@@ -162,8 +162,6 @@ class DistributionMatchingMethod(Distiller):
         }
         if self.gan:
             roles["discriminator"] = Role(self.discriminator, optimizer=opts["discriminator"])
-        if not self.shared_fake:
-            roles["teacher"] = self.teacher_role()
         return roles
 
     # -- pieces -------------------------------------------------------------------------------
@@ -182,8 +180,6 @@ class DistributionMatchingMethod(Distiller):
     # -- one step -----------------------------------------------------------------------------
     def training_step(self, ctx: StepContext) -> dict[str, Any]:
         d, logs = self.dmd, {}
-        if self.shared_fake:
-            self.place_teacher(ctx.device)
         B = ctx.local_batch_size
         cond = self.pool.index(ctx.randint(0, len(self.pool)))
         noise = ctx.randn(*self.shape)

@@ -235,10 +235,9 @@ class GuidanceDistillation(_GuidanceFamily):
         self.w_input = GuidanceInput.attach(student)
         self.student = student.requires_grad_(True).train()
 
-    def roles(self) -> dict[str, Role]:
+    def method_roles(self) -> dict[str, Role]:
         opts = self.optimizer_configs(("student",), "guidance distillation")
-        return {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema),
-                "teacher": Role(self.teacher)}
+        return {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema)}
 
     def guidance_input(self, w: torch.Tensor):
         check_guidance(float(w.reshape(-1)[0]), self.section.guidance_range)
@@ -315,9 +314,10 @@ class AdapterGuidanceDistillation(_GuidanceFamily):
                               f"{100 * MAX_ADAPTER_FRACTION:g}%): lower student.lora_rank ({rank}) or student.lora_target_modules")
         self.student = network
 
-    def roles(self) -> dict[str, Role]:
+    def method_roles(self) -> dict[str, Role]:
         opts = self.optimizer_configs(("student",), "agd (the student is the adapters)")
-        # no "teacher" role: the student IS the teacher's network (its adapters off for the teacher)
+        # the student IS the teacher's network (its adapters off for the teacher): the base's
+        # teacher role holds the rest of the teacher (encoders, VAE) unless memory.release_encoders
         return {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema)}
 
     def teacher_context(self):

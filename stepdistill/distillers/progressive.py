@@ -146,12 +146,11 @@ class ProgressiveStage(Distiller):
         self.student = copy.deepcopy(network).requires_grad_(True).train()
 
     # -- roles --------------------------------------------------------------------------------
-    def roles(self) -> dict[str, Role]:
+    def method_roles(self) -> dict[str, Role]:
         opts = self.optimizer_configs(("student",), "progressive distillation")
-        roles = {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema),
-                 "teacher": Role(self.teacher)}
-        if self.previous is not None:
-            roles["previous_student"] = Role(self.previous)
+        roles = {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema)}
+        if self.previous is not None and self.previous is not getattr(self.teacher, denoiser_name(self.teacher)):
+            roles["previous_student"] = Role(self.previous)  # (a rebuild for export stands the teacher's network in: the teacher role's)
         return roles
 
     # -- pieces -------------------------------------------------------------------------------

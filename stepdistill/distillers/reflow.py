@@ -95,10 +95,9 @@ class _CouplingStage(Distiller):
         self.sampler.check_timesteps(recipe.student.timesteps)
         self.student = copy.deepcopy(network).requires_grad_(True).train()
 
-    def roles(self) -> dict[str, Role]:
+    def method_roles(self) -> dict[str, Role]:
         opts = self.optimizer_configs(("student",), "reflow")
-        return {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema),
-                "teacher": Role(self.teacher)}
+        return {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema)}
 
     def coupling_batch(self, ctx: StepContext):
         idx = ctx.sample_indices(len(self.pairs["noise"]))

@@ -89,4 +89,25 @@ def load_distill_recipe(
         raise RecipeError(f"{where}: {exc}") from None
 
 
-__all__ = ["METHODS", "MethodEntry", "load_distill_recipe", "method_entry", "register_method"]
+def recipe_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a distillation recipe (``stepdistill schema``): ``method``
+    names a registered method, and the method's recipe class (the shared sections plus its own,
+    :func:`~stepdistill.config.json_schema`) applies, so a key of another method's section is an
+    unknown key there too."""
+    from ..config import JSON_SCHEMA_DIALECT, json_schema
+
+    by_class: dict[type, list[str]] = {}
+    for name in sorted(METHODS):
+        by_class.setdefault(METHODS[name].load("recipe"), []).append(name)
+    branches = []
+    for cls, names in by_class.items():
+        schema = json_schema(cls)
+        del schema["$schema"]
+        schema["properties"]["method"] = {"enum": names, "description": "; ".join(f"{n}: {METHODS[n].description}" for n in names)}
+        branches.append({"if": {"properties": {"method": {"enum": names}}, "required": ["method"]}, "then": schema})
+    return {"$schema": JSON_SCHEMA_DIALECT, "title": "stepdistill distillation recipe", "type": "object", "required": ["method"],
+            "properties": {"method": {"enum": sorted(METHODS), "description": "the distillation method (stepdistill/distillers/registry.py)"}},
+            "allOf": branches}
+
+
+__all__ = ["METHODS", "MethodEntry", "load_distill_recipe", "method_entry", "recipe_schema", "register_method"]

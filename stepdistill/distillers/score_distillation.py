@@ -191,13 +191,11 @@ class ScoreDistillationMethod(Distiller):
         self.fake_guided = self.fake_score is not None and (g.mode == "snoopi" or g.fake_scale != 1.0 or g.fake_train_scale != 1.0)
 
     # -- roles --------------------------------------------------------------------------------
-    def roles(self) -> dict[str, Role]:
+    def method_roles(self) -> dict[str, Role]:
         opts = self.optimizer_configs(("student",) if self.fake_score is None else ("student", "fake_score"), f"method '{self.variant}'")
         roles = {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema)}
         if self.fake_score is not None:
             roles["fake_score"] = Role(self.fake_score, optimizer=opts["fake_score"])
-        if not self.shared_fake:
-            roles["teacher"] = Role(self.teacher)
         return roles
 
     # -- pieces -------------------------------------------------------------------------------
@@ -281,8 +279,6 @@ class ScoreDistillationMethod(Distiller):
     # -- one step -----------------------------------------------------------------------------
     def training_step(self, ctx: StepContext) -> dict[str, Any]:
         logs: dict[str, Any] = {}
-        if self.shared_fake:
-            self.teacher.to(ctx.device)
         B = ctx.local_batch_size
         cond = self.pool.index(ctx.randint(0, len(self.pool)))
         noise = ctx.randn(*self.shape)
