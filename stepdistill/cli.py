@@ -35,7 +35,7 @@ def _cmd_train_teacher(args: argparse.Namespace) -> None:
     from .training.teacher import train_teacher
 
     out = train_teacher(args.recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite, set_items=args.set)
-    print(f"teacher pipeline written to {out}")
+    print(f"{'autoencoder' if out.name == 'vae' else 'teacher pipeline'} written to {out}")
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
@@ -278,10 +278,9 @@ def _cmd_schema(args: argparse.Namespace) -> None:
     import json
 
     if args.kind == "teacher":
-        from .config import json_schema
-        from .training.teacher import TeacherRecipe
+        from .training.teacher import teacher_recipe_schema
 
-        schema = {**json_schema(TeacherRecipe), "title": "stepdistill train-teacher recipe"}
+        schema = teacher_recipe_schema()
     else:
         from .distillers.registry import recipe_schema
 

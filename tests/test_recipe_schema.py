@@ -18,7 +18,7 @@ from stepdistill.cli import main
 from stepdistill.config import load_yaml, merge
 from stepdistill.distillers.registry import load_distill_recipe
 from stepdistill.errors import RecipeError
-from stepdistill.training.teacher import load_teacher_recipe
+from stepdistill.training.teacher import load_any_teacher_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -86,7 +86,7 @@ def load_teacher_recipe_from(data: dict):
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(data, f)
     try:
-        return load_teacher_recipe(f.name)
+        return load_any_teacher_recipe(f.name)
     finally:
         Path(f.name).unlink()
 
@@ -97,6 +97,8 @@ def test_a_typo_fails_the_schema_naming_the_key_and_the_validator_names_the_near
     assert_rejected(schemas, "sdxl_vsd.yaml", {"memory": {"release_encoder": True}}, "release_encoder", nearest="release_encoders")
     assert_rejected(schemas, "digits_dmd2.yaml", {"dmd": {"gan_generator_weigth": 0.1}}, "gan_generator_weigth", nearest="gan_generator_weight")
     assert_rejected(schemas, "digits_teacher.yaml", {"unet": {"layers_per_blok": 2}}, "layers_per_blok", nearest="layers_per_block")
+    assert_rejected(schemas, "t2i_sd_teacher.yaml", {"text_encoder": {"hiden_size": 32}}, "hiden_size", nearest="hidden_size")
+    assert_rejected(schemas, "t2i_vae.yaml", {"autoencoder": {"kl_weigth": 0.0}}, "kl_weigth", nearest="kl_weight")
     # a section of another method is an unknown key for this one
     assert_rejected(schemas, "digits_dmd2.yaml", {"consistency": {"num_solver_steps": 10}}, "consistency")
     assert_rejected(schemas, "digits_dmd2.yaml", {"ema": {"decey": 0.9}}, "decey", nearest="decay")  # an optional section
@@ -131,7 +133,7 @@ def set_at(data: dict, path: tuple, value) -> dict:
 
 
 ONE_PER_RECIPE_CLASS = ["digits_dmd2.yaml", "sd15_lcm_lora.yaml", "digits_sid.yaml", "sd15_guidance.yaml", "digits_agd.yaml",
-                        "digits_progressive.yaml", "digits_reflow.yaml", "digits_teacher.yaml"]
+                        "digits_progressive.yaml", "digits_reflow.yaml", "digits_teacher.yaml", "t2i_vae.yaml", "t2i_flow_teacher.yaml"]
 
 
 @pytest.mark.parametrize("recipe", ONE_PER_RECIPE_CLASS)

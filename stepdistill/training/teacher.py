@@ -99,6 +99,34 @@ def load_teacher_recipe(path, overrides: Mapping[str, Any] | None = None, set_it
     return recipe
 
 
+def load_any_teacher_recipe(path, overrides: Mapping[str, Any] | None = None, set_items: Sequence[str] | None = None):
+    """The recipe of whichever teacher ``path`` trains (pixel, autoencoder or latent), validated."""
+    from . import latent_teacher
+
+    kind = latent_teacher.recipe_kind(load_yaml(path))
+    if kind == "pixel":
+        return load_teacher_recipe(path, overrides, set_items)
+    cls = latent_teacher.VAERecipe if kind == "vae" else latent_teacher.LatentTeacherRecipe
+    return latent_teacher.load_recipe(cls, path, overrides, set_items)
+
+
+def teacher_recipe_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a ``train-teacher`` recipe (``stepdistill schema --kind
+    teacher``): an ``autoencoder:`` section makes it an autoencoder recipe, a ``family:`` a latent
+    text-to-image teacher, anything else a pixel teacher (:func:`latent_teacher.recipe_kind`)."""
+    from ..config import JSON_SCHEMA_DIALECT, json_schema
+    from .latent_teacher import LatentTeacherRecipe, VAERecipe
+
+    def branch(cls):
+        schema = json_schema(cls)
+        del schema["$schema"]
+        return schema
+
+    return {"$schema": JSON_SCHEMA_DIALECT, "title": "stepdistill train-teacher recipe",
+            "if": {"required": ["autoencoder"]}, "then": branch(VAERecipe),
+            "else": {"if": {"required": ["family"]}, "then": branch(LatentTeacherRecipe), "else": branch(TeacherRecipe)}}
+
+
 def build_unet(section: UNetSection, sample_size: tuple[int, int], channels: int, num_classes: int | None):
     from diffusers import UNet2DModel
 
@@ -263,4 +291,4 @@ def export_run(
     return save_class_conditional_pipeline(model, scheduler, output_dir, guidance_scale=info.get("guidance_scale", 1.0), **common)
 
 
-__all__ = ["TeacherRecipe", "export_run", "build_scheduler", "build_unet", "load_teacher_recipe", "train_teacher"]
+__all__ = ["TeacherRecipe", "export_run", "load_any_teacher_recipe", "teacher_recipe_schema", "build_scheduler", "build_unet", "load_teacher_recipe", "train_teacher"]
