@@ -6,7 +6,7 @@
     stepdistill bench digits [PIPELINE_DIR]
     stepdistill bench overhead RECIPE [--set key.sub=value ...]
     stepdistill bench t2i DIR_OR_NAME --steps 1 2 4 --guidance-scale 1 4 [--num-samples N] [--json]
-    stepdistill bench t2i --ladder [--num-samples N] [--json]
+    stepdistill bench t2i [PIPELINE_DIR_OR_NAME] --ladder [--num-samples N] [--json]
     stepdistill export RUN_DIR OUTPUT_DIR
     stepdistill hybrid STUDENT_DIR OUTPUT_DIR --teacher digits --teacher-steps 1
     stepdistill plan configs/sdxl_dmd2.yaml --set teacher.path=DIR [--gpus 24 48 80]
@@ -133,7 +133,7 @@ def _cmd_bench_t2i(args: argparse.Namespace) -> None:
     num_samples = bench.DEFAULT_NUM_SAMPLES if args.num_samples is None else args.num_samples
     heldout = bench.DEFAULT_HELDOUT_SAMPLES if args.heldout_samples is None else args.heldout_samples
     if args.ladder:
-        rows = bench.ladder(num_samples, samples_per_prompt=args.samples_per_prompt, seed=args.seed)
+        rows = bench.ladder(num_samples, samples_per_prompt=args.samples_per_prompt, seed=args.seed, vae=args.pipeline_dir)
         print(json.dumps({"benchmark": "t2i", "ladder": True, "n": num_samples, "rows": rows}) if args.json else bench.format_ladder(rows))
         return
     if args.pipeline_dir is None:
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-samples", type=int, default=None, help="t2i: held-out-prompt samples (default 500; 0: none)")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="t2i: seeds per prompt (per-prompt diversity needs >= 2)")
     p.add_argument("--json", action="store_true", help="t2i: print one JSON object instead of the table")
-    p.add_argument("--ladder", action="store_true", help="t2i: the sanity ladder of both metrics on real images (no pipeline)")
+    p.add_argument("--ladder", action="store_true", help="t2i: the sanity ladder of both metrics on real images; with a PIPELINE_DIR / teacher name, also real images through its VAE")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
 

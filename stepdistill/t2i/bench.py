@@ -404,7 +404,8 @@ LADDER_BLUR_RADII = (0.5, 1.0)
 
 
 def ladder(num_samples: int = 1000, samples_per_prompt: int = SAMPLES_PER_PROMPT, seed: int = 0,
-           blur_radii: tuple[float, ...] = LADDER_BLUR_RADII, reference_count: int = REFERENCE_IMAGES) -> list[dict]:
+           blur_radii: tuple[float, ...] = LADDER_BLUR_RADII, reference_count: int = REFERENCE_IMAGES,
+           vae: str | os.PathLike | None = None) -> list[dict]:
     """Both metrics on real images made for the seen prompts (the noise floor's first draw), as they
     are and under damage a generator can do. Rows ``{"label", "prompt_accuracy",
     "attribute_accuracy", "fd", "precision", "recall", "diversity"}``, in this order:
@@ -415,7 +416,9 @@ def ladder(num_samples: int = 1000, samples_per_prompt: int = SAMPLES_PER_PROMPT
       the permutation maps the colour distribution onto itself, so FD hardly moves while colour
       accuracy collapses (why both metrics are needed);
     - shuffled captions (the same images, captions permuted): FD unchanged, accuracy collapses;
-    - collapse: each prompt's samples replaced by its first: diversity 0, recall falls.
+    - collapse: each prompt's samples replaced by its first: diversity 0, recall falls;
+    - with ``vae`` (a pipeline directory or teacher name): the real images encoded and decoded by
+      its VAE (posterior mean): the best a latent generator on that VAE can score.
     """
     from ..evaluation.ladder import blur, shift_colour
 
@@ -433,10 +436,22 @@ def ladder(num_samples: int = 1000, samples_per_prompt: int = SAMPLES_PER_PROMPT
               ("colour channels permuted (R->G->B)", real[:, [2, 0, 1]], prompts),
               ("shuffled captions", real, shuffled),
               ("collapsed: one image per prompt", collapsed, prompts)]
+    if vae is not None:
+        rungs.append((f"through the VAE of {os.fspath(vae)}", vae_round_trip(real, vae), prompts))
     rows = []
     for label, images, captions in rungs:
         rows.append({"label": label, "num_samples": len(captions), **score_samples(images, captions, groups, reference_count)})
     return rows
+
+
+@torch.no_grad()
+def vae_round_trip(images: torch.Tensor, pipeline: str | os.PathLike, batch_size: int = 256) -> torch.Tensor:
+    """``images`` ([-1, 1]) encoded to the posterior mean and decoded by the VAE of ``pipeline``."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(resolve_pipeline_dir(pipeline), "vae")).eval()
+    out = [vae.decode(vae.encode(images[i:i + batch_size]).latent_dist.mode()).sample for i in range(0, len(images), batch_size)]
+    return torch.cat(out).clamp(-1, 1)
 
 
 def format_ladder(rows: list[dict]) -> str:
@@ -453,5 +468,5 @@ def format_ladder(rows: list[dict]) -> str:
 __all__ = [
     "DEFAULT_GUIDANCE_SCALES", "DEFAULT_STEPS", "TEACHERS", "format_ladder", "format_table", "generate", "json_object", "ladder",
     "load_t2i_pipeline", "noise_floor", "prompt_accuracy", "prompt_set", "real_samples", "reference_features",
-    "resolve_pipeline_dir", "run_bench", "score_samples", "teacher_dir",
+    "resolve_pipeline_dir", "run_bench", "score_samples", "teacher_dir", "vae_round_trip",
 ]

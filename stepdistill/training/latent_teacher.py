@@ -549,19 +549,45 @@ def train_latent_teacher(recipe_path, output_dir, *, resume: bool = False, overw
     trainer.train()
     out = Path(output_dir) / "pipeline"
     if trainer.accelerator.is_main_process:
-        denoiser = load_trained_model(output_dir, role="denoiser", ema="denoiser" in trainer.emas).eval()
-        export = adapter.build_pipeline(denoiser, build_scheduler(recipe.scheduler))
-        from ..atomic import atomic_directory
-
-        with atomic_directory(out, overwrite=True) as staging:
-            export.save_pretrained(staging, safe_serialization=True)
-        if progress:
-            print(f"teacher pipeline written to {out}", flush=True)
+        save_teacher_pipeline(adapter, load_trained_model(output_dir, role="denoiser", ema="denoiser" in trainer.emas), recipe, out,
+                              overwrite=True)
     trainer.finish()
     return out
 
 
+def save_teacher_pipeline(adapter, denoiser: nn.Module, recipe: LatentTeacherRecipe, output_dir, overwrite: bool = False) -> Path:
+    """The family's stock pipeline around ``denoiser`` (with the adapter's VAE, encoders and
+    tokenizers and a fresh scheduler of the recipe), written atomically."""
+    from ..atomic import atomic_directory
+
+    pipe = adapter.build_pipeline(denoiser.eval(), build_scheduler(recipe.scheduler))
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+    return Path(output_dir)
+
+
+def export_run(run_dir, output_dir, *, ema: bool = True, overwrite: bool = False, checkpoint=None) -> Path:
+    """A latent-teacher run's checkpoint (the latest unless ``checkpoint``) as the stock pipeline:
+    the encoders and tokenizers are rebuilt from the recorded recipe (they are frozen at a seeded
+    initialisation, so they come out identical), the denoiser from the checkpoint."""
+    import json
+
+    from ..config import from_dict
+    from ..teachers.sd3 import StableDiffusion3Teacher
+    from ..teachers.stable_diffusion import StableDiffusionTeacher
+    from .checkpoint import RUN_FILE, load_trained_model
+
+    info = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    recipe = from_dict(LatentTeacherRecipe, info["recipe"])
+    dataset = open_captioned(recipe.data)
+    with seed_run(recipe.training):
+        pipe = build_pipeline(recipe, load_vae(recipe.vae.path, recipe.family), dataset.captions(list(range(len(dataset)))))
+    adapter = (StableDiffusionTeacher if recipe.family == "sd" else StableDiffusion3Teacher).from_pipeline(pipe)
+    denoiser = load_trained_model(run_dir, role="denoiser", ema=ema, checkpoint=checkpoint)
+    return save_teacher_pipeline(adapter, denoiser, recipe, output_dir, overwrite=overwrite)
+
+
 __all__ = [
-    "AutoencoderMethod", "LatentDenoisingMethod", "LatentTeacherRecipe", "VAERecipe", "build_autoencoder", "build_pipeline",
+    "AutoencoderMethod", "LatentDenoisingMethod", "export_run", "save_teacher_pipeline", "LatentTeacherRecipe", "VAERecipe", "build_autoencoder", "build_pipeline",
     "fit_latent_scale", "recipe_kind", "train_autoencoder", "train_latent_teacher", "word_tokenizer",
 ]
