@@ -45,4 +45,18 @@ def atomic_directory(folder: str | os.PathLike, overwrite: bool = False) -> Iter
         raise
 
 
-__all__ = ["atomic_directory"]
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` as a safetensors file atomically (a temporary sibling renamed into place),
+    readable by everyone (safetensors itself creates files readable by the owner only)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp, metadata=metadata)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["atomic_directory", "save_safetensors"]

@@ -193,12 +193,16 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_recipe(path: str | os.PathLike, recipe_cls: type[T], overrides: Mapping[str, Any] | None = None) -> T:
-    """Read a YAML recipe, apply ``overrides`` (nested dicts, merged key by key), validate it."""
+def load_recipe(path: str | os.PathLike, recipe_cls: type[T], overrides: Mapping[str, Any] | None = None,
+                set_items: Sequence[str] | None = None) -> T:
+    """Read a YAML recipe, apply ``overrides`` (nested dicts, merged key by key) and ``--set
+    key.sub=value`` strings (each key checked against ``recipe_cls``), validate it; any error is one
+    line that starts with the file's path."""
     data = load_yaml(path)
-    if overrides:
-        data = merge(data, overrides)
     try:
+        sets = parse_set_overrides(set_items)
+        data = merge(merge(data, overrides or {}), sets)
+        check_override_keys(recipe_cls, sets)
         return from_dict(recipe_cls, data)
     except RecipeError as exc:
         raise RecipeError(f"{os.fspath(path)}: {exc}") from None

@@ -36,13 +36,9 @@ T5_MAX_LENGTH = 16  # Flux max_sequence_length for the tiny T5 (Flux uses 512)
 
 def _byte_alphabet() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for bytes (GPT-2 / CLIP convention)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
+    from stepdistill.training.latent_teacher import byte_symbols
+
+    return byte_symbols()
 
 
 def tiny_clip_tokenizer(max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:

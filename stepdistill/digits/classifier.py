@@ -97,8 +97,6 @@ def train_classifier(
 
     Writes the weights as safetensors to ``output_path`` when given (atomically).
     """
-    from safetensors.torch import save_file
-
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train = load_split("train")
@@ -128,13 +126,9 @@ def train_classifier(
     model.eval()
     heldout_accuracy = accuracy(model, heldout.images, heldout.labels)
     if output_path is not None:
-        output_path = os.fspath(output_path)
-        os.makedirs(os.path.dirname(output_path) or ".", exist_ok=True)
-        tmp = output_path + ".tmp"
-        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-        save_file(state, tmp, metadata={"heldout_accuracy": f"{heldout_accuracy:.4f}", "seed": str(seed)})
-        os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only
-        os.replace(tmp, output_path)
+        from ..atomic import save_safetensors
+
+        save_safetensors(model.state_dict(), output_path, metadata={"heldout_accuracy": f"{heldout_accuracy:.4f}", "seed": str(seed)})
     return model, heldout_accuracy
 
 

@@ -209,8 +209,6 @@ def train_classifier(
     """
     import json
 
-    from safetensors.torch import save_file
-
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images, scenes = real_images(num_images, "train")
@@ -244,14 +242,10 @@ def train_classifier(
         for split, values in accuracy.items():
             print(f"{split}: " + ", ".join(f"{name} {value:.4f}" for name, value in values.items()), flush=True)
     if output_path is not None:
-        output_path = os.fspath(output_path)
-        os.makedirs(os.path.dirname(output_path) or ".", exist_ok=True)
-        tmp = output_path + ".tmp"
-        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        from ..atomic import save_safetensors
+
         metadata = {"accuracy": json.dumps(accuracy), "seed": str(seed), "num_images": str(num_images), "epochs": str(epochs)}
-        save_file(state, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only
-        os.replace(tmp, output_path)
+        save_safetensors(model.state_dict(), output_path, metadata=metadata)
     return model, accuracy
 
 

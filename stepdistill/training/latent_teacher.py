@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import EMAConfig, OptimizerConfig, TrainingConfig, bounded, check_override_keys, from_dict, load_yaml, merge, parse_set_overrides, to_dict
-from ..errors import RecipeError, StepdistillError
+from ..config import EMAConfig, OptimizerConfig, TrainingConfig, bounded, load_recipe, to_dict
+from ..errors import RecipeError
 from ..schedule import schedule_from_scheduler
 from .trainer import Role, StepContext, Trainer, TrainingMethod, seed_run
 
@@ -173,15 +173,8 @@ def recipe_kind(data: Mapping[str, Any]) -> str:
     return "pixel"
 
 
-def load_recipe(cls, path, overrides: Mapping[str, Any] | None = None, set_items: Sequence[str] | None = None):
-    data = load_yaml(path)
-    try:
-        sets = parse_set_overrides(set_items)
-        data = merge(merge(data, overrides or {}), sets)
-        check_override_keys(cls, sets)
-        recipe = from_dict(cls, data)
-    except RecipeError as exc:
-        raise RecipeError(f"{os.fspath(path)}: {exc}") from None
+def load_captioned_recipe(cls, path, overrides: Mapping[str, Any] | None = None, set_items: Sequence[str] | None = None):
+    recipe = load_recipe(path, cls, overrides, set_items)
     if not recipe.data.images:
         raise RecipeError(f"{os.fspath(path)}: data.images is required: a captioned image folder or `datasets` directory (--set data.images=DIR)")
     return recipe
@@ -200,7 +193,7 @@ def open_captioned(section: CaptionedDataSection):
 
 
 # -- the word-level CLIP tokenizer -------------------------------------------------------------------
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """The 256 printable stand-ins of byte-level BPE (GPT-2 / CLIP), so any text tokenizes."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     codes, extra = printable[:], 0
@@ -223,9 +216,9 @@ def word_tokenizer(captions: Sequence[str], max_length: int):
 
     words = Counter(word.lower() for caption in captions for word in caption.split())
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for symbol in _byte_symbols():
+    for symbol in byte_symbols():
         vocab.setdefault(symbol, len(vocab))
-    for symbol in _byte_symbols():
+    for symbol in byte_symbols():
         vocab.setdefault(symbol + "</w>", len(vocab))
     pieces = {word: list(word[:-1]) + [word[-1] + "</w>"] for word in sorted(words)}
     merges: list[tuple[str, str]] = []
@@ -360,7 +353,7 @@ def train_autoencoder(recipe_path, output_dir, *, resume: bool = False, overwrit
     """Stage 1: train the VAE, fit its latent scale and export it to ``output_dir/vae``."""
     from .checkpoint import load_trained_model
 
-    recipe = load_recipe(VAERecipe, recipe_path, overrides, set_items)
+    recipe = load_captioned_recipe(VAERecipe, recipe_path, overrides, set_items)
     dataset = open_captioned(recipe.data)
     if progress:
         print(f"stepdistill train-teacher (autoencoder): {dataset.summary()}", flush=True)
@@ -453,6 +446,17 @@ def build_pipeline(recipe: LatentTeacherRecipe, vae, captions: Sequence[str]):
     )
 
 
+def build_teacher(recipe: LatentTeacherRecipe, vae, captions: Sequence[str]):
+    """The teacher adapter around a freshly built pipeline (seeded by ``training.seed``, so the
+    frozen encoders of an export are those the run trained with)."""
+    from ..teachers.sd3 import StableDiffusion3Teacher
+    from ..teachers.stable_diffusion import StableDiffusionTeacher
+
+    with seed_run(recipe.training):
+        pipe = build_pipeline(recipe, vae, captions)
+    return (StableDiffusionTeacher if recipe.family == "sd" else StableDiffusion3Teacher).from_pipeline(pipe)
+
+
 class LatentDenoisingMethod(TrainingMethod):
     """Train the denoiser of a latent teacher adapter on cached latents and caption embeddings."""
 
@@ -529,19 +533,15 @@ class LatentDenoisingMethod(TrainingMethod):
 def train_latent_teacher(recipe_path, output_dir, *, resume: bool = False, overwrite: bool = False, overrides=None, set_items=None,
                          progress: bool = True) -> Path:
     """Stage 2: train the denoiser and export the family's stock pipeline to ``output_dir/pipeline``."""
-    from ..teachers.sd3 import StableDiffusion3Teacher
-    from ..teachers.stable_diffusion import StableDiffusionTeacher
     from .checkpoint import load_trained_model
 
-    recipe = load_recipe(LatentTeacherRecipe, recipe_path, overrides, set_items)
+    recipe = load_captioned_recipe(LatentTeacherRecipe, recipe_path, overrides, set_items)
     dataset = open_captioned(recipe.data)
     if progress:
         print(f"stepdistill train-teacher ({recipe.family}): {dataset.summary()}", flush=True)
     vae = load_vae(recipe.vae.path, recipe.family)
     captions = dataset.captions(list(range(len(dataset))))
-    with seed_run(recipe.training):
-        pipe = build_pipeline(recipe, vae, captions)
-    adapter = (StableDiffusionTeacher if recipe.family == "sd" else StableDiffusion3Teacher).from_pipeline(pipe)
+    adapter = build_teacher(recipe, vae, captions)
     adapter.denoiser.requires_grad_(True).train()
     method = LatentDenoisingMethod(adapter, dataset, recipe, progress=progress)
     trainer = Trainer(method, recipe.training, output_dir, resume=resume, overwrite=overwrite, progress=progress,
@@ -573,21 +573,17 @@ def export_run(run_dir, output_dir, *, ema: bool = True, overwrite: bool = False
     import json
 
     from ..config import from_dict
-    from ..teachers.sd3 import StableDiffusion3Teacher
-    from ..teachers.stable_diffusion import StableDiffusionTeacher
     from .checkpoint import RUN_FILE, load_trained_model
 
     info = json.loads((Path(run_dir) / RUN_FILE).read_text())
     recipe = from_dict(LatentTeacherRecipe, info["recipe"])
     dataset = open_captioned(recipe.data)
-    with seed_run(recipe.training):
-        pipe = build_pipeline(recipe, load_vae(recipe.vae.path, recipe.family), dataset.captions(list(range(len(dataset)))))
-    adapter = (StableDiffusionTeacher if recipe.family == "sd" else StableDiffusion3Teacher).from_pipeline(pipe)
+    adapter = build_teacher(recipe, load_vae(recipe.vae.path, recipe.family), dataset.captions(list(range(len(dataset)))))
     denoiser = load_trained_model(run_dir, role="denoiser", ema=ema, checkpoint=checkpoint)
     return save_teacher_pipeline(adapter, denoiser, recipe, output_dir, overwrite=overwrite)
 
 
 __all__ = [
     "AutoencoderMethod", "LatentDenoisingMethod", "export_run", "save_teacher_pipeline", "LatentTeacherRecipe", "VAERecipe", "build_autoencoder", "build_pipeline",
-    "fit_latent_scale", "recipe_kind", "train_autoencoder", "train_latent_teacher", "word_tokenizer",
+    "build_teacher", "byte_symbols", "fit_latent_scale", "load_captioned_recipe", "recipe_kind", "train_autoencoder", "train_latent_teacher", "word_tokenizer",
 ]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence
 
-from ..config import EMAConfig, OptimizerConfig, TrainingConfig, bounded, check_override_keys, from_dict, load_yaml, merge, parse_set_overrides, to_dict
+from ..config import EMAConfig, OptimizerConfig, TrainingConfig, bounded, load_recipe, load_yaml, to_dict
 from ..errors import RecipeError, StepdistillError
 from ..evaluation.benchmarks import EvaluationSection
 from ..export import export_info, save_class_conditional_pipeline, save_unconditional_pipeline
@@ -86,14 +86,7 @@ class TeacherRecipe:
 
 
 def load_teacher_recipe(path, overrides: Mapping[str, Any] | None = None, set_items: Sequence[str] | None = None) -> TeacherRecipe:
-    data = load_yaml(path)
-    try:
-        sets = parse_set_overrides(set_items)
-        data = merge(merge(data, overrides or {}), sets)
-        check_override_keys(TeacherRecipe, sets)
-        recipe = from_dict(TeacherRecipe, data)
-    except RecipeError as exc:
-        raise RecipeError(f"{os.fspath(path)}: {exc}") from None
+    recipe = load_recipe(path, TeacherRecipe, overrides, set_items)
     if not recipe.data.images:
         raise RecipeError(f"{os.fspath(path)}: data.images is required: an image folder, a `datasets` directory or a registered dataset (--set data.images=DIR)")
     return recipe
@@ -107,7 +100,7 @@ def load_any_teacher_recipe(path, overrides: Mapping[str, Any] | None = None, se
     if kind == "pixel":
         return load_teacher_recipe(path, overrides, set_items)
     cls = latent_teacher.VAERecipe if kind == "vae" else latent_teacher.LatentTeacherRecipe
-    return latent_teacher.load_recipe(cls, path, overrides, set_items)
+    return latent_teacher.load_captioned_recipe(cls, path, overrides, set_items)
 
 
 def teacher_recipe_schema() -> dict[str, Any]:
