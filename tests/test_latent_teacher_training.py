@@ -103,3 +103,24 @@ def test_uncaptioned_folder_and_missing_vae_are_one_line_errors(tmp_path, folder
         train_teacher(CONFIGS / "t2i_flow_teacher.yaml", tmp_path / "y", progress=False,
                       set_items=[f"data.images={folder / 'data' / 'train'}", f"vae.path={folder / 'vae_run' / 'vae'}",
                                  "scheduler.class_name=DDIMScheduler"])
+
+
+def test_a_datasets_directory_with_captions_trains_the_sd_teacher(tmp_path, folder, vae_dir):
+    """The same recipe on a `datasets` dataset saved with save_to_disk (image + text columns)."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from stepdistill.t2i.data import t2i_image
+
+    pairs = [t2i_image(0, i) for i in range(16)]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    source = datasets.Dataset.from_dict({"image": [image for image, _ in pairs], "text": [scene.caption for _, scene in pairs]},
+                                        features=features)
+    source.save_to_disk(tmp_path / "saved")
+    assert isinstance(pairs[0][0], Image.Image)
+    tiny = {"data": {"images": str(tmp_path / "saved")}, "vae": {"path": str(vae_dir)}, "text_encoder": TINY_TEXT,
+            "unet": {"block_out_channels": [16, 32], "attention_head_dim": 4, "norm_num_groups": 8},
+            "denoising": {"eval_inference_steps": 2}, "training": {**TINY_TRAINING, "max_steps": 2}}
+    pipeline_dir = train_teacher(CONFIGS / "t2i_sd_teacher.yaml", tmp_path / "run", overrides=tiny, progress=False)
+    assert (pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "background</w>" in (pipeline_dir / "tokenizer" / "tokenizer.json").read_text()  # the tokenizer learnt the dataset's words
