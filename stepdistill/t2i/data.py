@@ -17,8 +17,8 @@ The caption grammar (one sentence, lower case, nothing else)::
 
 e.g. ``a small red circle in the top left on a white background``; :func:`parse_caption` reads
 it back into its attributes. Within an attribute value the scene still varies (the exact size,
-the position inside the quadrant, the rotation of squares and triangles, a slight colour and
-brightness jitter), so a generator has more to learn than 288 templates.
+the position inside the quadrant, a rotation of squares and triangles by up to 10 degrees, a
+slight colour and brightness jitter), so a generator has more to learn than 288 templates.
 
 Composition, not memorisation: the (colour, shape) pairs in :data:`HELDOUT_PAIRS` never appear
 in the training split. The evaluation prompts of kind ``heldout`` use only those pairs (every
@@ -67,6 +67,7 @@ _CAPTION_RE = re.compile(
 )
 # radius of the object as a fraction of the image side, per size value
 RADIUS = {"small": (0.13, 0.16), "large": (0.21, 0.25)}
+ROTATION_JITTER = math.radians(10)
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,16 @@ def render(scene: Scene, rng: np.random.Generator, size: int = SIZE) -> Image.Im
         cx = side - cx
     if vertical == "bottom":
         cy = side - cy
-    angle = rng.uniform(0.0, 2 * math.pi)
+    # squares stand on a side and triangles point up, each turned by at most ROTATION_JITTER: at any
+    # rotation, 8,000 steps of a 1 M-parameter teacher averaged the orientations into four- and
+    # three-lobed stars (shape accuracy 0.70 at 25 steps, w = 7.5; docs/t2i.md)
+    jitter = rng.uniform(-ROTATION_JITTER, ROTATION_JITTER)
     if scene.shape == "circle":
         draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
     elif scene.shape == "square":
-        draw.polygon(_polygon(cx, cy, radius * 1.05, angle, 4), fill=colour)
+        draw.polygon(_polygon(cx, cy, radius * 1.05, math.pi / 4 + jitter, 4), fill=colour)
     else:
-        draw.polygon(_polygon(cx, cy, radius * 1.2, angle, 3), fill=colour)
+        draw.polygon(_polygon(cx, cy, radius * 1.2, -math.pi / 2 + jitter, 3), fill=colour)
     return canvas.resize((size, size), resample=Image.BOX)
 
 
