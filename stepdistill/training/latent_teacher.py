@@ -550,19 +550,34 @@ def train_latent_teacher(recipe_path, output_dir, *, resume: bool = False, overw
     out = Path(output_dir) / "pipeline"
     if trainer.accelerator.is_main_process:
         save_teacher_pipeline(adapter, load_trained_model(output_dir, role="denoiser", ema="denoiser" in trainer.emas), recipe, out,
-                              overwrite=True)
+                              recipe_path=recipe_path, overwrite=True)
     trainer.finish()
     return out
 
 
-def save_teacher_pipeline(adapter, denoiser: nn.Module, recipe: LatentTeacherRecipe, output_dir, overwrite: bool = False) -> Path:
+def save_teacher_pipeline(adapter, denoiser: nn.Module, recipe: LatentTeacherRecipe, output_dir, recipe_path=None,
+                          overwrite: bool = False) -> Path:
     """The family's stock pipeline around ``denoiser`` (with the adapter's VAE, encoders and
     tokenizers and a fresh scheduler of the recipe), written atomically."""
     from ..atomic import atomic_directory
 
+    from ..model_card import portable_path, write_model_card
+
     pipe = adapter.build_pipeline(denoiser.eval(), build_scheduler(recipe.scheduler))
+    kind = "VP (epsilon / v)" if recipe.family == "sd" else "rectified-flow"
+    info = {
+        "title": f"stepdistill latent text-to-image teacher ({type(pipe).__name__})",
+        "description": (f"A small {kind} latent text-to-image teacher trained with `stepdistill train-teacher` on "
+                        f"{recipe.data.images}: {type(adapter.denoiser).__name__} on frozen, randomly initialised text encoders "
+                        "with a word-level tokenizer of the training captions, and a VAE trained on the same images."),
+        "method": "latent denoising diffusion training" if recipe.family == "sd" else "rectified flow matching",
+        "recipe": portable_path(recipe_path), "dataset": recipe.data.images, "license": "apache-2.0",
+        "tags": ["teacher", "text-to-image", "stepdistill"], "resolution": [recipe.data.resolution or 32] * 2,
+    }
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
+        write_model_card(staging, info, num_inference_steps=recipe.denoising.eval_inference_steps,
+                         guidance_scale=recipe.denoising.eval_guidance_scale, model_id=portable_path(output_dir))
     return Path(output_dir)
 
 
@@ -580,7 +595,7 @@ def export_run(run_dir, output_dir, *, ema: bool = True, overwrite: bool = False
     dataset = open_captioned(recipe.data)
     adapter = build_teacher(recipe, load_vae(recipe.vae.path, recipe.family), dataset.captions(list(range(len(dataset)))))
     denoiser = load_trained_model(run_dir, role="denoiser", ema=ema, checkpoint=checkpoint)
-    return save_teacher_pipeline(adapter, denoiser, recipe, output_dir, overwrite=overwrite)
+    return save_teacher_pipeline(adapter, denoiser, recipe, output_dir, recipe_path=info.get("recipe_path"), overwrite=overwrite)
 
 
 __all__ = [
