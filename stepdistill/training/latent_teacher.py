@@ -522,6 +522,7 @@ class LatentDenoisingMethod(TrainingMethod):
         denoiser = trainer.emas["denoiser"].module if "denoiser" in trainer.emas else trainer.unwrap("denoiser")
         pipe = with_network(self.teacher, denoiser).build_pipeline(denoiser, copy.deepcopy(self.teacher.scheduler))
         pipe.set_progress_bar_config(disable=True)
+        pipe.to(trainer.accelerator.device)  # the frozen VAE and encoders are not roles: the trainer did not place them
         d = self.recipe.denoising
         size = self.recipe.data.resolution or 32
         prompts = self.eval_prompts[:num_samples]
