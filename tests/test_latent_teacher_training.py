@@ -68,7 +68,7 @@ def test_autoencoder_stage_fits_the_latent_scale(vae_dir):
 
 
 @pytest.mark.parametrize("family", ["sd", "sd3"])
-def test_latent_teacher_exports_a_stock_pipeline_that_loads_in_a_fresh_process_and_resumes(folder, vae_dir, family):
+def test_latent_teacher_exports_a_stock_pipeline_that_loads_in_a_fresh_process(folder, vae_dir, family):
     recipe = CONFIGS / ("t2i_sd_teacher.yaml" if family == "sd" else "t2i_flow_teacher.yaml")
     tiny = {"data": {"images": str(folder / "data" / "train")}, "vae": {"path": str(vae_dir)}, "text_encoder": TINY_TEXT,
             "unet": {"block_out_channels": [16, 32], "attention_head_dim": 4, "norm_num_groups": 8},
@@ -90,9 +90,10 @@ def test_latent_teacher_exports_a_stock_pipeline_that_loads_in_a_fresh_process_a
     """, cwd=folder)
     assert stdout.split() == [expected, "(2,", "3,", "32,", "32)", "True"]
 
-    longer = {**tiny, "training": {**TINY_TRAINING, "max_steps": 4}}
-    train_teacher(recipe, out, resume=True, overrides=longer, progress=False)
-    assert json.loads((out / "checkpoint-00000004" / "trainer_state.json").read_text())["step"] == 4
+    if family == "sd":  # resume is the trainer's (bitwise, tests/test_trainer_faults.py); one family shows the recipe resumes
+        longer = {**tiny, "training": {**TINY_TRAINING, "max_steps": 4}}
+        train_teacher(recipe, out, resume=True, overrides=longer, progress=False)
+        assert json.loads((out / "checkpoint-00000004" / "trainer_state.json").read_text())["step"] == 4
 
 
 def test_uncaptioned_folder_and_missing_vae_are_one_line_errors(tmp_path, folder):
