@@ -73,9 +73,10 @@ def runs(tmp_path_factory):
 
 def test_recipes_train_the_roles_they_name(runs, capsys):
     roles = {name: set(json.loads((run / "checkpoint-00000002" / "trainer_state.json").read_text())["roles"]) for name, run in runs.items()}
-    assert roles["sd3_dmd2"] == {"student", "fake_score", "discriminator"}  # LoRA fake score on the teacher: no teacher role
+    # LoRA fake score on the teacher's denoiser: the teacher role is the rest of the teacher (encoders, VAE), frozen
+    assert roles["sd3_dmd2"] == {"student", "fake_score", "discriminator", "teacher"}
     assert roles["dit_dmd2"] == {"student", "fake_score", "discriminator", "teacher"}  # full fake score copy
-    assert roles["sd3_lcm_lora"] == {"student"}  # the LoRA sits on the teacher's own weights
+    assert roles["sd3_lcm_lora"] == {"student", "teacher"}  # the LoRA sits on the teacher's own denoiser; encoders and VAE: teacher
     assert roles["dit_lcm"] == {"student", "teacher"}
     assert (runs["sd3_lcm_lora"] / "lora" / "pytorch_lora_weights.safetensors").is_file()
     index = {name: json.loads((runs[name] / "pipeline" / "model_index.json").read_text()) for name in ("sd3_dmd2", "dit_dmd2", "dit_lcm")}
