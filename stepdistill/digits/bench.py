@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StepdistillError
+from ..evaluation.latency import synchronize
 from ..images import save_image_grid
 from ..metrics import frechet_distance, noise_floor
 from .classifier import feature_module, load_classifier, predict
@@ -97,10 +98,6 @@ def load_pipeline(pipeline_dir: str | os.PathLike, device: str | torch.device = 
     return pipe.to(device)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 @torch.no_grad()
 def generate_samples(
@@ -129,7 +126,7 @@ def generate_samples(
     for batch_index, start in enumerate(range(0, num_samples, batch_size)):
         stop = min(start + batch_size, num_samples)
         step_generator = torch.Generator(device).manual_seed(seed * 100_003 + batch_index + 1)  # stochastic schedulers
-        _synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         out = pipe(
             class_labels=labels[start:stop].tolist(),
@@ -140,7 +137,7 @@ def generate_samples(
             output_type="pt",
             **extra,
         ).images
-        _synchronize(device)
+        synchronize(device)
         timings.append((stop - start, time.perf_counter() - began))
         images.append(out.float().cpu() * 2.0 - 1.0)
     timed = timings[1:] if len(timings) > 1 else timings

@@ -68,7 +68,7 @@ class _ForwardCounter:
             handle.remove()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -90,17 +90,17 @@ def measure_latency(
     counter = _ForwardCounter(modules)
     durations, batch = [], 0
     if device.type == "cuda":
-        _synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         kind = "cuda_max_allocated"
     else:
         kind = "cpu_peak_rss" if _reset_peak_rss() else "cpu_peak_rss_since_start"
     try:
         for _ in range(repeats):
-            _synchronize(device)
+            synchronize(device)
             began = time.perf_counter()
             batch = generate()
-            _synchronize(device)
+            synchronize(device)
             durations.append(time.perf_counter() - began)
     finally:
         counter.close()

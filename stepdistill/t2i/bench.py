@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..errors import StepdistillError
+from ..evaluation.latency import synchronize
 from .data import ATTRIBUTES, SIZE, eval_prompts, parse_caption, render
 
 DEFAULT_STEPS = (1, 2, 4, 10, 50)
@@ -117,10 +118,6 @@ def load_t2i_pipeline(path_or_name: str | os.PathLike, device: str | torch.devic
     return pipe.to(device)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 @torch.no_grad()
 def generate(
@@ -146,11 +143,11 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + first_index + i) for i in range(start, stop)]
-        _synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         out = pipe(prompt=list(prompts[start:stop]), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    generator=generators, output_type="pt", **extra).images
-        _synchronize(device)
+        synchronize(device)
         timings.append((stop - start, time.perf_counter() - began))
         batch = torch.as_tensor(out).float().cpu()
         if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, SIZE, SIZE):

@@ -461,23 +461,20 @@ class LatentDenoisingMethod(TrainingMethod):
     """Train the denoiser of a latent teacher adapter on cached latents and caption embeddings."""
 
     def __init__(self, teacher, dataset, recipe: LatentTeacherRecipe, progress: bool = True):
-        from ..teachers.base import Conditioning
-
         self.teacher = teacher
         self.recipe = recipe
         self.schedule = schedule_from_scheduler(teacher.scheduler)
         self.denoiser = teacher.denoiser
         captions = dataset.captions(list(range(len(dataset))))
         unique = sorted(set(captions))
-        self.caption_index = torch.tensor([unique.index(c) for c in captions]) if len(unique) < 2048 else \
-            torch.tensor([{c: i for i, c in enumerate(unique)}[c] for c in captions])
+        position = {caption: i for i, caption in enumerate(unique)}
+        self.caption_index = torch.tensor([position[c] for c in captions])
         with torch.no_grad():
             embeddings = [teacher.encode(unique[i:i + 256]).cond for i in range(0, len(unique), 256)]
             self.embeddings = {k: torch.cat([e[k] for e in embeddings]) for k in embeddings[0]}
             self.null = teacher.null_embeddings()
             self.latents = torch.cat([teacher.vae_encode(dataset.images(list(range(i, min(i + 256, len(dataset))))))
                                       for i in range(0, len(dataset), 256)]).cpu()
-        self._conditioning = Conditioning
         if progress:
             std = self.latents.std().item()
             print(f"cached {len(self.latents)} latents {tuple(self.latents.shape[1:])} (std {std:.3f}) and {len(unique)} captions", flush=True)

@@ -265,11 +265,12 @@ def export_run(
     run_file = Path(run_dir) / RUN_FILE
     if not run_file.is_file():
         raise StepdistillError(f"{run_dir} is not a training run directory ({RUN_FILE} missing)")
-    if json.loads(run_file.read_text()).get("kind") == "latent-teacher":
+    run = json.loads(run_file.read_text())
+    if run.get("kind") == "latent-teacher":
         from . import latent_teacher
 
         return latent_teacher.export_run(run_dir, output_dir, ema=ema, overwrite=overwrite, checkpoint=checkpoint)
-    info = json.loads(run_file.read_text()).get("export")
+    info = run.get("export")
     if not info:
         raise StepdistillError(f"run {run_dir} records no export settings ('export' in {RUN_FILE}; see stepdistill.export.export_info)")
     scheduler_config = dict(info["scheduler"])
