@@ -25,14 +25,14 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from .errors import OutputDirError, StepdistillError
+from .atomic import atomic_directory
+from .errors import StepdistillError
 from .model_card import Metrics, ModelCardInfo, portable_path, write_model_card
 
 PIPELINE_FILE = "class_conditional_pipeline.py"
@@ -130,14 +130,14 @@ def save_class_conditional_pipeline(
     def build(tmp: Path) -> None:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
-        shutil.copyfile(_pipeline_source(), tmp / PIPELINE_FILE)
+        shutil.copyfile(pipeline_source(), tmp / PIPELINE_FILE)
         if custom_unet:
-            shutil.copyfile(_pipeline_source(GUIDANCE_UNET_FILE), tmp / "unet" / GUIDANCE_UNET_FILE)
+            shutil.copyfile(pipeline_source(GUIDANCE_UNET_FILE), tmp / "unet" / GUIDANCE_UNET_FILE)
         if lora is not None:
             write_lora_file(tmp / LORA_WEIGHT_NAME, *lora, prefix="unet", guidance_adapter=True)
         index = {
             "_class_name": [Path(PIPELINE_FILE).stem, "ClassConditionalPipeline"],
-            "_diffusers_version": _diffusers_version(),
+            "_diffusers_version": diffusers_version(),
             "default_guidance_scale": float(guidance_scale),
             "default_num_inference_steps": steps,
             "trained_guidance_range": None if trained_guidance_range is None else [float(w) for w in trained_guidance_range],
@@ -146,7 +146,7 @@ def save_class_conditional_pipeline(
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    return _write_directory(output_dir, overwrite, build, num_inference_steps=steps, guidance_scale=float(guidance_scale),
+    return write_pipeline_directory(output_dir, overwrite, build, num_inference_steps=steps, guidance_scale=float(guidance_scale),
                             model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
 
 
@@ -186,7 +186,7 @@ def save_unconditional_pipeline(
     def build(tmp: Path) -> None:
         getattr(diffusers, pipeline_class)(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
 
-    return _write_directory(output_dir, overwrite, build, num_inference_steps=steps, guidance_scale=None,
+    return write_pipeline_directory(output_dir, overwrite, build, num_inference_steps=steps, guidance_scale=None,
                             model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
 
 
@@ -240,7 +240,7 @@ def _check_steps(scheduler, steps) -> int:
     return steps
 
 
-def _write_directory(
+def write_pipeline_directory(
     output_dir: str | os.PathLike,
     overwrite: bool,
     build: Callable[[Path], None],
@@ -255,58 +255,15 @@ def _write_directory(
     """Build the directory in a temporary sibling, write its model card from what ``build`` wrote
     (``base_pipeline``: a LoRA directory's pipeline class), then rename it into place."""
     out = Path(output_dir).absolute()
-    _check_output_dir(out, overwrite)
     info = ModelCardInfo.coerce(model_card_info)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it mkdir's mode
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         build(tmp)
         write_model_card(tmp, info, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          base_pipeline=base_pipeline, model_id=portable_path(out), metrics=metrics, command=metrics_command)
-        _replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def remove_partial_exports(directory: str | os.PathLike) -> None:
-    """Delete what an export killed mid-write left in ``directory``: ``.NAME.partial-*`` (never
-    renamed into place) and ``.NAME.old-*`` (the directory it was replacing)."""
-    for leftover in [*Path(directory).glob(".*.partial-*"), *Path(directory).glob(".*.old-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"output directory {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputDirError(f"output directory {out} is not empty (pass overwrite=True / --overwrite to replace it)")
-
-
-def _replace_directory(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is removed only once ``new`` is in place."""
-    if not out.exists():
-        os.rename(new, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / out.name)
-    try:
-        os.rename(new, out)
-    except BaseException:
-        os.rename(old / out.name, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _pipeline_source(name: str = PIPELINE_FILE) -> Path:
+def pipeline_source(name: str = PIPELINE_FILE) -> Path:
     """A shipped file of ``pipelines/``, from an installed wheel or a source checkout."""
     try:
         from . import pipelines as installed  # wheel / editable install: stepdistill.pipelines
@@ -321,7 +278,7 @@ def _pipeline_source(name: str = PIPELINE_FILE) -> Path:
     raise StepdistillError(f"cannot find {name}: reinstall stepdistill (it ships as stepdistill.pipelines)")
 
 
-def _diffusers_version() -> str:
+def diffusers_version() -> str:
     import diffusers
 
     return diffusers.__version__

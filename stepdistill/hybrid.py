@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from .errors import StepdistillError
-from .export import _diffusers_version, _pipeline_source, _write_directory
+from .export import diffusers_version, pipeline_source, write_pipeline_directory
 
 HYBRID_PIPELINE_FILE = "hybrid_class_conditional_pipeline.py"
 
@@ -114,10 +114,10 @@ def save_hybrid_pipeline(
         student.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         teacher.unet.save_pretrained(tmp / "teacher_unet", safe_serialization=True)
         student.scheduler.save_pretrained(tmp / "scheduler")
-        shutil.copyfile(_pipeline_source(HYBRID_PIPELINE_FILE), tmp / HYBRID_PIPELINE_FILE)
+        shutil.copyfile(pipeline_source(HYBRID_PIPELINE_FILE), tmp / HYBRID_PIPELINE_FILE)
         index = {
             "_class_name": [Path(HYBRID_PIPELINE_FILE).stem, "HybridClassConditionalPipeline"],
-            "_diffusers_version": _diffusers_version(),
+            "_diffusers_version": diffusers_version(),
             "default_num_inference_steps": int(num_inference_steps),
             "default_guidance_scale": guidance,
             "default_teacher_steps": int(teacher_steps),
@@ -128,7 +128,7 @@ def save_hybrid_pipeline(
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    return _write_directory(output_dir, overwrite, build, num_inference_steps=int(num_inference_steps),
+    return write_pipeline_directory(output_dir, overwrite, build, num_inference_steps=int(num_inference_steps),
                             guidance_scale=guidance, model_card_info=card)
 
 

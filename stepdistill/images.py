@@ -35,9 +35,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, upscale: int = 1, p
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 4) -> str:
     """Save a sample grid PNG (atomically: written next to ``path`` then renamed)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    make_grid(images, nrow=nrow, upscale=upscale).save(tmp)
-    os.replace(tmp, path)
-    return path
+    from .atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        make_grid(images, nrow=nrow, upscale=upscale).save(tmp)
+    return os.fspath(path)

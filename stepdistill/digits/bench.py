@@ -11,7 +11,6 @@ Guidance convention: ``uncond + w * (cond - uncond)``; ``w = 1`` means no guidan
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_json, write_text
 from ..errors import StepdistillError
 from ..evaluation.latency import synchronize
 from ..images import save_image_grid
@@ -146,12 +146,6 @@ def generate_samples(
     return torch.cat(images), speed
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_bench(
     pipeline_dir: str | os.PathLike | None = None,
     output_dir: str | os.PathLike | None = None,
@@ -222,8 +216,8 @@ def run_bench(
         "wall_seconds": time.perf_counter() - began,
     }
     if out_dir is not None:
-        _write_atomic(out_dir / "bench.json", json.dumps(results, indent=2) + "\n")
-        _write_atomic(out_dir / "bench.md", _markdown_report(results))
+        write_json(out_dir / "bench.json", results)
+        write_text(out_dir / "bench.md", _markdown_report(results))
     return results
 
 

@@ -56,7 +56,7 @@ class NonFiniteSamples:
 
 
 # -- LoRA ---------------------------------------------------------------------------------------
-def _lora_layers(model: nn.Module):
+def lora_layers(model: nn.Module):
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
@@ -84,7 +84,7 @@ def add_lora(model: nn.Module, rank: int, target_modules: Sequence[str], adapter
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules), init_lora_weights=True)
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
-    for layer in _lora_layers(model):  # inject_adapter_in_model leaves the adapters trainable
+    for layer in lora_layers(model):  # inject_adapter_in_model leaves the adapters trainable
         for p in layer.lora_A.parameters():
             p.requires_grad_(True)
         for p in layer.lora_B.parameters():
@@ -93,7 +93,7 @@ def add_lora(model: nn.Module, rank: int, target_modules: Sequence[str], adapter
 
 
 def has_lora(model: nn.Module) -> bool:
-    return bool(_lora_layers(model))
+    return bool(lora_layers(model))
 
 
 def lora_config(model: nn.Module, adapter_name: str = "default") -> dict:
@@ -112,7 +112,7 @@ def lora_config(model: nn.Module, adapter_name: str = "default") -> dict:
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` with its LoRA adapters switched off: the frozen base weights."""
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     for layer in layers:
         layer.enable_adapters(False)
     try:

@@ -49,7 +49,7 @@ def make_ode_pairs(teacher, pool, num_pairs: int, output: str | os.PathLike, *, 
                    shape: tuple[int, ...] | None = None, seed: int = 0, batch_size: int = 256) -> Path:
     """Noise z ~ N(0, I) and the ``steps``-step deterministic sample from z (guidance ``uncond + w
     (cond - uncond)``), conditions cycling through ``pool``; written to ``output`` (safetensors)."""
-    from safetensors.torch import save_file
+    from ..atomic import save_safetensors
 
     if num_pairs < 1:
         raise RecipeError(f"the number of ODE pairs must be >= 1; got {num_pairs}")
@@ -63,12 +63,8 @@ def make_ode_pairs(teacher, pool, num_pairs: int, output: str | os.PathLike, *, 
         sl = slice(start, start + batch_size)
         cond = pool.index(idx[sl].to(device))
         samples.append(ode_sample(teacher, cond, noise[sl].to(device), steps, guidance_scale).float().cpu())
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".partial")
-    save_file({"noise": noise.contiguous(), "sample": torch.cat(samples).contiguous(), "condition_index": idx.contiguous()}, os.fspath(tmp))
-    os.replace(tmp, output)
-    return output
+    save_safetensors({"noise": noise, "sample": torch.cat(samples), "condition_index": idx}, output)
+    return Path(output)
 
 
 def load_ode_pairs(path: str | os.PathLike, what: str = "ODE pairs") -> Mapping[str, torch.Tensor]:

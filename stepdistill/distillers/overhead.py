@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .common import lora_layers
+
 
 @dataclass
 class Call:
@@ -77,12 +79,6 @@ class OverheadReport:
         return "\n".join(lines)
 
 
-def _lora_layers(module: nn.Module):
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in module.modules() if isinstance(m, LoraLayer)]
-
-
 def bench_networks(method) -> dict[str, nn.Module]:
     """The networks a distillation iteration runs: denoisers, GAN heads, text encoders, the VAE's encoder."""
     from .fake_score import DiscriminatorHead
@@ -124,7 +120,7 @@ class Recorder:
         self.handles = []
         self.fake_score = fake_score
         for name, network in networks.items():
-            lora = _lora_layers(network)
+            lora = lora_layers(network)
             self.handles.append(network.register_forward_pre_hook(self._pre(name, lora), with_kwargs=True))
             self.handles.append(network.register_forward_hook(self._post(), with_kwargs=True))
         self._open: list[Call] = []
@@ -236,10 +232,12 @@ def measure_overhead(trainer, method, rounds: int = 3, warmup: int = 1) -> Overh
 
 def bench_overhead(recipe_path, set_items: Sequence[str] | None = None, rounds: int = 3, warmup: int = 1) -> OverheadReport:
     """Build the recipe's run as ``stepdistill distill`` does (no evaluation, a temporary run
-    directory) and measure its trainer overhead."""
-    from ..training.trainer import run_state
+    directory) and measure its trainer overhead; a staged method (progressive, reflow) is
+    measured on its first stage."""
+    from pathlib import Path
 
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, run_state
+    from .base import StagedDistillation
     from .memory import apply_memory_levers
     from .registry import load_distill_recipe
     from .run import build_method, load_recipe_teacher, open_run_data
@@ -247,9 +245,12 @@ def bench_overhead(recipe_path, set_items: Sequence[str] | None = None, rounds: 
     recipe = load_distill_recipe(recipe_path, set_items=set_items)
     teacher = load_recipe_teacher(recipe)
     method = build_method(teacher, recipe, open_run_data(teacher, recipe))
-    apply_memory_levers(method, run_state().device)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(method, recipe.training, run_dir, log_with=None, progress=False)
+        if isinstance(method, StagedDistillation):
+            method.run_dir = Path(run_dir)
+            method = method.build_stage(0, None)
+        apply_memory_levers(method, run_state().device)
+        trainer = Trainer(method, method.recipe.training, run_dir, log_with=None, progress=False)
         return measure_overhead(trainer, method, rounds=rounds, warmup=warmup)
 
 

@@ -31,12 +31,12 @@ import torch
 
 from ..config import to_dict
 from ..errors import RecipeError, StepdistillError
-from ..export import remove_partial_exports
+from ..atomic import remove_partial
 from ..model_card import portable_path
 from .base import Distiller, RunData, StagedDistillation
 from .common import has_lora, merge_lora
 from .recipe import DistillRecipe
-from .registry import load_distill_recipe, method_entry
+from .registry import load_distill_recipe, method_class
 from .run_data import condition_pool, real_samples
 from .student import save_adapter_pipeline, save_student_lora, save_student_pipeline
 
@@ -74,7 +74,7 @@ def open_run_data(teacher, recipe: DistillRecipe) -> RunData:
 
 
 def build_method(teacher, recipe: DistillRecipe, data: RunData | None) -> Distiller:
-    return method_entry(recipe.method).load("build")(teacher, recipe, data)
+    return method_class(recipe.method).build(teacher, recipe, data)
 
 
 def describe_data(data: RunData) -> str:
@@ -129,7 +129,6 @@ def model_card(method: Distiller, recipe_path) -> dict[str, Any]:
     """The model card fields of the run's student (paths as the recipe gives them; the card
     makes them relative)."""
     recipe = method.recipe
-    consistency = getattr(recipe, "consistency", None)  # LCM / PCM distil the teacher at w ~ consistency.guidance_range
     sampler = getattr(method, "sampler", None)
     return {
         "title": f"stepdistill {recipe.method.upper()} student ({method.num_steps} step{'s' if method.num_steps > 1 else ''})",
@@ -139,7 +138,7 @@ def model_card(method: Distiller, recipe_path) -> dict[str, Any]:
         "license": "other",
         "tags": ["distillation", recipe.method, "few-step"],
         "timesteps": None if sampler is None else [float(t) for t in sampler.timesteps],
-        "teacher_guidance_scale": consistency.guidance_range[0] if consistency is not None else recipe.teacher.guidance_scale,
+        "teacher_guidance_scale": method.card_teacher_guidance_scale,
         "trained_guidance_range": None if method.trained_guidance_range is None else list(method.trained_guidance_range),
         "resolution": [recipe.teacher.height, recipe.teacher.width] if recipe.teacher.height and recipe.teacher.width else None,
     }
@@ -284,7 +283,7 @@ def _train_and_export(method: Distiller, trainer, output_dir: Path, recipe_path)
     minutes = (time.perf_counter() - began) / 60
     out = artefact_dir(method, output_dir)
     if trainer.accelerator.is_main_process and not (finished_before and out.is_dir()):
-        remove_partial_exports(output_dir)  # a previous attempt killed mid-export
+        remove_partial(output_dir)  # a previous attempt killed mid-export
         metrics = None
         if final:
             metrics = {"model": f"{recipe.method.upper()} student", "steps": method.num_steps, "guidance_scale": method.export_guidance_scale,

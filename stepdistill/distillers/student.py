@@ -142,7 +142,7 @@ def save_student_pipeline(
 
     ``guidance_scale``: the pipeline's default (a w-conditioned student's w; baked-in students 1).
     """
-    from ..export import _write_directory, save_class_conditional_pipeline, save_unconditional_pipeline
+    from ..export import write_pipeline_directory, save_class_conditional_pipeline, save_unconditional_pipeline
 
     model_card_info = _with_base_model(teacher, model_card_info)
     card = dict(metrics=metrics, metrics_command=metrics_command, model_card_info=model_card_info, overwrite=overwrite)
@@ -154,7 +154,7 @@ def save_student_pipeline(
             )
         return save_unconditional_pipeline(network, scheduler, output_dir, num_inference_steps=num_steps, **card)
     pipe = teacher.build_pipeline(network, scheduler)
-    return _write_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
+    return write_pipeline_directory(output_dir, overwrite, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
                             num_inference_steps=num_steps, guidance_scale=_pipeline_guidance(teacher, guidance_scale, trained_guidance_range),
                             model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
 
@@ -203,7 +203,7 @@ def save_student_lora(
     """
     from peft.utils import get_peft_model_state_dict
 
-    from ..export import _write_directory
+    from ..export import write_pipeline_directory
     from .common import has_lora
 
     if not has_lora(network):
@@ -217,7 +217,7 @@ def save_student_lora(
         pipeline_cls.save_lora_weights(tmp, **{f"{denoiser_name(teacher)}_lora_layers": layers}, safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
 
-    return _write_directory(output_dir, overwrite, build, num_inference_steps=num_steps,
+    return write_pipeline_directory(output_dir, overwrite, build, num_inference_steps=num_steps,
                             guidance_scale=_pipeline_guidance(teacher, guidance_scale), base_pipeline=pipeline_cls.__name__,
                             model_card_info=model_card_info, metrics=metrics, metrics_command=metrics_command)
 

@@ -90,7 +90,9 @@ def reference_features(
 
     Returns ``(features, info)``; ``info`` says where the cache file is and whether it was hit.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from ..atomic import save_safetensors
 
     files = list_images(folder)
     key = _cache_key(files, channels, feature_fingerprint(feature))
@@ -105,8 +107,5 @@ def reference_features(
         images = load_images(files[start : start + batch_size], channels)
         parts.append(extract_features(images, feature, batch_size=batch_size))
     features = torch.cat(parts)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_name(cache_path.name + ".tmp")
-    save_file({"features": features.contiguous()}, tmp, metadata={"folder": os.fspath(folder), "num_images": str(len(files))})
-    os.replace(tmp, cache_path)
+    save_safetensors({"features": features}, cache_path, metadata={"folder": os.fspath(folder), "num_images": str(len(files))})
     return features, {**info, "cache_hit": False}

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_json, write_text
 from ..images import save_image_grid
 from ..model_card import metric_notes, metrics_table
 
@@ -134,11 +135,12 @@ def _save_figure(figure, path) -> str:
     """Write a matplotlib figure to ``path`` atomically (no half-written PNG) and close it."""
     import matplotlib.pyplot as plt
 
+    from ..atomic import atomic_file
+
     figure.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    figure.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=110)
     plt.close(figure)
-    os.replace(tmp, path)
     return str(path)
 
 
@@ -190,13 +192,6 @@ def save_training_curves(run_dirs, path: str | os.PathLike, names=None, metric: 
     return _save_figure(figure, path)
 
 
-def _write_text(path: Path, text: str) -> str:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return str(path)
-
-
 def write_outputs(results: dict, grid: list[tuple[str, torch.Tensor]], output_dir: Path) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     outputs = {
@@ -207,6 +202,6 @@ def write_outputs(results: dict, grid: list[tuple[str, torch.Tensor]], output_di
         "samples_rows": [label for label, _ in grid],
     }
     results["outputs"] = outputs
-    _write_text(output_dir / "metrics.md", markdown_report(results))
-    _write_text(output_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
+    write_text(output_dir / "metrics.md", markdown_report(results))
+    write_json(output_dir / "metrics.json", results)
     return outputs

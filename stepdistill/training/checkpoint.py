@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import write_json
 from ..errors import OutputDirError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -104,7 +105,7 @@ def save_checkpoint(trainer, step: int) -> Path:
             ema_updates[name] = ema.num_updates
             roles[name]["ema_weights"] = f"ema_{name}.safetensors"
         state = {"step": step, "ema_updates": ema_updates, "skipped_steps": trainer.skipped_steps, "roles": roles}
-        _write_json_atomic(temp / STATE_FILE, state)
+        write_json(temp / STATE_FILE, state)
         if final.exists():  # a re-save of the same step (e.g. the final one): replace it
             shutil.rmtree(final)
         os.replace(temp, final)
@@ -196,12 +197,6 @@ def _module_spec(module: torch.nn.Module) -> dict:
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 __all__ = [
