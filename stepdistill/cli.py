@@ -42,17 +42,14 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     from .distillers.run import distill, load_recipe_teacher, open_run_data
 
     if args.make_pairs:
-        from .distillers.registry import load_distill_recipe
+        from .distillers.registry import load_distill_recipe, method_class
 
         recipe = load_distill_recipe(args.recipe, set_items=args.set)
-        if recipe.method in ("dmd", "dmd2"):
-            from .distillers.distribution_matching import make_ode_pairs as make_pairs
-        elif recipe.method == "reflow":
-            from .distillers.reflow import make_recipe_pairs as make_pairs
-        else:
-            raise StepdistillError(f"--make-pairs is for DMD and reflow recipes; {args.recipe} is a {recipe.method} recipe")
+        method = method_class(recipe.method)
+        if not method.caches_pairs:  # refused before the teacher loads
+            raise StepdistillError(f"--make-pairs is for methods that train on cached teacher ODE pairs; {args.recipe} is a {recipe.method} recipe")
         teacher = load_recipe_teacher(recipe)
-        path = make_pairs(recipe, teacher, open_run_data(teacher, recipe).pool, args.make_pairs)
+        path = method.make_pairs(recipe, teacher, open_run_data(teacher, recipe).pool, args.make_pairs)
         print(f"teacher ODE pairs written to {path}")
         return
     out = distill(args.recipe, args.output_dir, set_items=args.set, resume=args.resume, overwrite=args.overwrite)

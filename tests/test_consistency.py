@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, TCDSchedul
 from stepdistill.config import TrainingConfig, from_dict
 from stepdistill.distillers.base import RunData
 from stepdistill.distillers.consistency import ConsistencyDistillation, ConsistencyRecipe
+from stepdistill.distillers.registry import method_class
 from stepdistill.distillers.registry import load_distill_recipe
 from stepdistill.distillers.run import distill, export_student
 from stepdistill.errors import RecipeError
@@ -46,7 +47,7 @@ def consistency(teacher, data, conditions, method: str = "lcm", steps: int = 4, 
     """The method on in-memory data (samples in the network's space and their conditions)."""
     recipe = from_dict(ConsistencyRecipe, {"method": method, "student": {"num_steps": steps, "lora_rank": lora_rank},
                                            "consistency": section, "optimizers": {"student": {"lr": lr}}, "ema": ema})
-    return ConsistencyDistillation(teacher, recipe, RunData.in_memory(teacher, data, conditions))
+    return method_class(recipe.method)(teacher, recipe, RunData.in_memory(teacher, data, conditions))
 
 
 def pixel_method(method: str = "lcm", steps: int = 4, lr: float = 1e-3, ema=None, seed: int = 0, **section) -> ConsistencyDistillation:
@@ -408,7 +409,7 @@ def test_flux_lcm_lora_recipe_round_trip_through_load_lora_weights(tmp_path):
     from stepdistill.teachers.flux import unpack_latents
 
     recipe = load_distill_recipe(ROOT / "configs" / "flux_lcm_lora.yaml", overrides)
-    method = ConsistencyDistillation(teacher, recipe, RunData.in_memory(teacher, torch.randn(2, *shape), ["a cat", "a dog"]))
+    method = method_class(recipe.method)(teacher, recipe, RunData.in_memory(teacher, torch.randn(2, *shape), ["a cat", "a dog"]))
     state = {k.removeprefix("transformer."): v for k, v in load_file(lora / "pytorch_lora_weights.safetensors").items()}
     set_peft_model_state_dict(method.student, state)
     noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))

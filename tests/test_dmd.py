@@ -28,6 +28,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from stepdistill.distillers.base import RunData
 from stepdistill.distillers.common import lora_disabled
 from stepdistill.distillers.distribution_matching import DMDRecipe, DistributionMatchingMethod
+from stepdistill.distillers.registry import method_class
 from stepdistill.distillers.registry import load_distill_recipe
 from stepdistill.distillers.run import distill
 from stepdistill.distillers.student import StudentSampler, with_network
@@ -69,7 +70,7 @@ def recipe_with(**sections) -> DMDRecipe:
 def dmd(teacher, recipe, real=None, **kwargs) -> DistributionMatchingMethod:
     """The method on in-memory data: every class as conditions, ``real`` = (images, labels) for the GAN."""
     data = RunData.in_memory(teacher) if real is None else RunData.in_memory(teacher, real[0], real[1])
-    return DistributionMatchingMethod(teacher, recipe, data, **kwargs)
+    return method_class(recipe.method)(teacher, recipe, data, **kwargs)
 
 
 def digits_real_data():

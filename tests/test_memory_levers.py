@@ -25,7 +25,8 @@ import torch
 
 from stepdistill.config import TrainingConfig, from_dict
 from stepdistill.distillers.base import RunData
-from stepdistill.distillers.distribution_matching import DMDRecipe, DistributionMatchingMethod
+from stepdistill.distillers.distribution_matching import DMDRecipe
+from stepdistill.distillers.registry import method_class
 from stepdistill.distillers.memory import apply_memory_levers
 from stepdistill.errors import RecipeError
 from stepdistill.training import Trainer
@@ -52,7 +53,7 @@ def sd3_dmd2(memory=None, training=None, fake_rank=0, student_rank=0, seed=0):
     })
     x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(seed)
-    return DistributionMatchingMethod(teacher, recipe, RunData.in_memory(teacher, x0, CAPTIONS))
+    return method_class(recipe.method)(teacher, recipe, RunData.in_memory(teacher, x0, CAPTIONS))
 
 
 def trainer_for(method, tmp_path, name):
@@ -164,7 +165,7 @@ def sd_dmd2():
 
     teacher = StableDiffusionTeacher.from_pipeline(tiny_sd_pipeline())
     recipe = from_dict(DMDRecipe, {"method": "dmd2", "teacher": {"height": 32, "width": 32}})
-    return DistributionMatchingMethod(teacher, recipe, RunData.in_memory(teacher, pool=CAPTIONS))
+    return method_class(recipe.method)(teacher, recipe, RunData.in_memory(teacher, pool=CAPTIONS))
 
 
 def networks(method):

@@ -224,3 +224,25 @@ def test_plan_of_a_mid_size_unet_within_15_percent_of_a_measured_training_step(t
     measured = measure_training_steps(spec, workload, steps=1, warmup=True)
     assert measured.parameters > 75e6
     assert abs(estimate / measured.peak_increase - 1) < 0.15, (estimate, measured)
+
+
+def test_every_registered_method_is_planned_from_its_class():
+    """`stepdistill plan` reads the roles from each registered method's class (no method names in
+    the planner): every method, progressive and reflow included, on the shipped t2i VP teacher's
+    config files, with the roles its paper's networks need."""
+    from stepdistill.distillers.registry import METHODS, method_class
+    from stepdistill.t2i.bench import teacher_dir
+
+    teacher = teacher_dir("t2i-sd")
+    own = {"dmd": {"fake_score"}, "dmd2": {"fake_score", "discriminator"}, "vsd": {"fake_score"}, "sid": {"fake_score"},
+           "sida": {"fake_score"}, "progressive": {"previous_student"}}
+    for name in sorted(METHODS):
+        recipe = {"method": name, "teacher": {"path": str(teacher)}, "data": {"images": "t2i"}}
+        sets = {"agd": ["student.lora_rank=4"], "dmd2": ["dmd.gan_generator_weight=0.3", "dmd.gan_critic_weight=0.3"]}.get(name, [])
+        r = load_distill_recipe(recipe, set_items=sets)
+        assert type(r) is method_class(name).recipe_class
+        result = plan_recipe(r, gpus=(1,), cache=CACHE)
+        roles = {spec.name for spec in result.specs}
+        assert {"teacher", "student", "text_encoder", "vae"} <= roles, name
+        assert roles - {"teacher", "student", "text_encoder", "vae"} == own.get(name, set()), name
+        assert result.peak > 0 and result.report.verdicts[0].fits

@@ -15,6 +15,7 @@ from stepdistill.config import from_dict, merge
 from stepdistill.distillers.base import RunData
 from stepdistill.distillers.fake_score import FakeScore, denoising_loss, drop_conditions
 from stepdistill.distillers.registry import load_distill_recipe
+from stepdistill.distillers.registry import method_class
 from stepdistill.distillers.score_distillation import ScoreDistillationMethod, ScoreDistillationRecipe
 from stepdistill.errors import RecipeError, StepdistillError, TrainingDiverged
 from stepdistill.schedule import FlowSchedule
@@ -45,7 +46,7 @@ def make(method: str, real=None, model=None, **sections) -> ScoreDistillationMet
     ``model``: the teacher (default a fresh tiny one); ``sections``: recipe sections."""
     teacher = model or tiny_pixel_teacher()
     data = RunData.in_memory(teacher) if real is None else RunData.in_memory(teacher, *real)
-    m = ScoreDistillationMethod(teacher, recipe_with(method, **sections), data)
+    m = method_class(method)(teacher, recipe_with(method, **sections), data)
     return m
 
 

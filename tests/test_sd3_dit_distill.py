@@ -165,12 +165,13 @@ def test_stepdistill_export_rebuilds_each_artefact(runs, tmp_path):
 def dit_method(tmp_path, **student):
     from stepdistill.config import from_dict
     from stepdistill.distillers.base import RunData
-    from stepdistill.distillers.distribution_matching import DMDRecipe, DistributionMatchingMethod
+    from stepdistill.distillers.distribution_matching import DMDRecipe
+    from stepdistill.distillers.registry import method_class
     from stepdistill.teachers.dit import DiTTeacher
 
     teacher = DiTTeacher.from_pipeline(tiny_dit_pipeline())
     recipe = from_dict(DMDRecipe, {"method": "dmd2", "student": student, "teacher": {"path": str(tmp_path)}})
-    return DistributionMatchingMethod(teacher, recipe, RunData.in_memory(teacher, pool=[0, 1, 2]))
+    return method_class(recipe.method)(teacher, recipe, RunData.in_memory(teacher, pool=[0, 1, 2]))
 
 
 def test_dit_student_in_train_mode_never_drops_labels(tmp_path):

@@ -54,10 +54,52 @@ class RunData:
         return cls(pool=ConditionPool(teacher, pool), real=real)
 
 
-class Distiller(TrainingMethod):
+class MethodDeclaration:
+    """What a registered method's class declares (docs/adding_a_method.md). The registry,
+    ``stepdistill plan``, ``bench overhead``, ``distill --make-pairs`` and the run driver read these
+    and never branch on a method's name."""
+
+    description: str = "step distillation"  # one line: `stepdistill schema`, the model card's method line
+    recipe_class: type = DistillRecipe  # the recipe format: the shared sections plus the method's own
+    # `stepdistill plan`'s "LoRA student" lever: what it sets besides student.lora_rank
+    lora_student_sets: dict[str, Any] = {}
+    # `stepdistill plan`: the run trains at its latent cache's resolution, not teacher.height / width
+    trains_at_data_resolution: bool = False
+    caches_pairs: bool = False  # trains on cached teacher ODE pairs: `distill --make-pairs N` (make_pairs)
+
+    @classmethod
+    def build(cls, teacher, recipe: DistillRecipe, data: RunData | None):
+        """The method for a run (``data``: its conditions and real samples; None when a finished
+        run is rebuilt for export)."""
+        return cls(teacher, recipe, data)
+
+    @classmethod
+    def plan_roles(cls, recipe: DistillRecipe, configs) -> list:
+        """The :class:`~stepdistill.planning.RoleSpec` s ``stepdistill plan`` sizes: the method's
+        (:meth:`method_role_specs`) and the text encoders / VAE."""
+        from ..planning.recipe_roles import RolePlanner
+        from .recipe import lora_targets
+
+        planner = RolePlanner(recipe, configs, lambda names: lora_targets(configs.family, names))
+        return [*cls.method_role_specs(planner), *planner.encoders()]
+
+    @classmethod
+    def method_role_specs(cls, plan) -> list:
+        """The teacher's denoiser and the method's own networks as RoleSpecs (``plan``: a
+        :class:`~stepdistill.planning.recipe_roles.RolePlanner`), sized for the run's peak."""
+        raise NotImplementedError(f"{cls.__name__} declares no memory plan (method_role_specs)")
+
+    @classmethod
+    def make_pairs(cls, recipe: DistillRecipe, teacher, pool, num_pairs: int):
+        """``stepdistill distill RECIPE --make-pairs N``: cache N teacher ODE pairs where the recipe
+        says; methods that train on none refuse."""
+        raise RecipeError(f"--make-pairs is for methods that train on cached teacher ODE pairs; "
+                          f"method '{recipe.method}' does not")
+
+
+class Distiller(MethodDeclaration, TrainingMethod):
     export_from_ema: bool = True
     keeps_base: bool = False  # the student is LoRA adapters on the untouched teacher: exported as the adapter file, never merged
-    description: str = "step distillation"  # the method line of the model card
     one_step_generator: bool = False  # G from init_generator (DMD, score distillation): takes student.init_timestep
 
     def __init__(self, teacher, recipe: DistillRecipe, data: RunData | None):
@@ -141,6 +183,11 @@ class Distiller(TrainingMethod):
 
     # -- guidance of the exported student -------------------------------------------------------
     @property
+    def card_teacher_guidance_scale(self) -> float:
+        """The teacher guidance the student learnt (the model card's): the recipe's real-score CFG."""
+        return self.recipe.teacher.guidance_scale
+
+    @property
     def export_guidance_scale(self) -> float:
         """The exported pipeline's default guidance (a w-conditioned student: its w)."""
         return 1.0
@@ -212,7 +259,8 @@ class Distiller(TrainingMethod):
         return self.pool.index(idx), idx
 
     def generate_samples(self, trainer: Trainer, num_samples: int, generator: torch.Generator):
-        """Images in [-1, 1] (decoded for latent teachers) and their class labels (None unless class-conditional)."""
+        """Images in [-1, 1] (decoded for latent teachers) and their conditions: class labels, the
+        prompts (a list of str) of a text-to-image teacher, None for an unconditional one."""
         device = trainer.accelerator.device
         network = self.sampling_network(trainer)
         noise = torch.randn(num_samples, *self.shape, generator=generator).to(device)
@@ -224,7 +272,7 @@ class Distiller(TrainingMethod):
                 x = self.sample(network, noise[start : start + len(idx)], self.pool.index(idx.to(device)), generator=generator)
             x = self.teacher.vae_decode(x.float()) if self.teacher.is_latent else x
             out.append(x.float().clamp(-1, 1).cpu())
-        labels = self.pool.raw(torch.arange(num_samples) % len(self.pool)) if self.condition_kind == "class" else None
+        labels = self.pool.raw(torch.arange(num_samples) % len(self.pool))
         return torch.cat(out), labels
 
     # -- export -----------------------------------------------------------------------------------
@@ -253,7 +301,7 @@ class Distiller(TrainingMethod):
         return hasattr(getattr(diffusers, self.teacher.pipeline_class_name, None), "load_lora_weights")
 
 
-class StagedDistillation:
+class StagedDistillation(MethodDeclaration):
     """A recipe that trains several students one after another: progressive distillation's
     halvings (64 -> 32 -> ... -> 1 steps), reflow and then its one-step distillation.
 

@@ -90,13 +90,13 @@ class ConsistencyRecipe(DistillRecipe):
 # =============================================================================================
 # Schedules of the student: solver grid, export scheduler, phase edges
 # =============================================================================================
-def export_scheduler(teacher_scheduler, method: str, num_solver_steps: int, num_steps: int):
+def export_scheduler(teacher_scheduler, phased: bool, num_solver_steps: int, num_steps: int):
     """The scheduler the student is trained for and exported with: LCM's (``LCMScheduler`` for VP
-    teachers, ``FlowMatchLCMScheduler`` for flow matching), or for PCM the K-step DDIM-trailing /
-    flow Euler scheduler."""
+    teachers, ``FlowMatchLCMScheduler`` for flow matching), or for PCM (``phased``) the K-step
+    DDIM-trailing / flow Euler scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
 
-    if method == "pcm":
+    if phased:
         return make_student_scheduler(teacher_scheduler, num_steps)
     if isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
         return FlowMatchLCMScheduler.from_config(teacher_scheduler.config)
@@ -132,14 +132,16 @@ class ConsistencyDistillation(Distiller):
     (clean samples in the network's space -- images, or VAE latents -- with their conditions)."""
 
     export_from_ema = False  # the EMA is LCM's target network θ⁻; the online student is exported
+    recipe_class = ConsistencyRecipe
+    trains_at_data_resolution = True  # a latent cache's resolution, not teacher.height / width
+    lora_student_sets = {"ema": None}  # LCM-LoRA has no target network
+    phased: bool = False  # PCM: K phases, each sample mapped to its phase edge
 
     def __init__(self, teacher, recipe: ConsistencyRecipe, data: RunData | None):
         super().__init__(teacher, recipe, data)
-        self.method = recipe.method
         self.section = s = recipe.consistency
-        self.description = {"lcm": "latent consistency distillation (LCM)", "pcm": "phased consistency distillation (PCM)"}[self.method]
         if data is not None and self.real is None:
-            raise RecipeError(f"{self.method}: consistency distillation trains on real data: set data.images (or data.latents for latent teachers)")
+            raise RecipeError(f"{recipe.method}: consistency distillation trains on real data: set data.images (or data.latents for latent teachers)")
         lo, hi = s.guidance_range
         if lo != hi and not s.w_embedding:
             raise RecipeError(
@@ -151,11 +153,11 @@ class ConsistencyDistillation(Distiller):
         if self.num_steps > s.num_solver_steps:
             raise RecipeError(f"student.num_steps ({self.num_steps}) exceeds consistency.num_solver_steps ({s.num_solver_steps}): "
                               "the student samples on the solver grid")
-        self.scheduler = export_scheduler(teacher.scheduler, self.method, s.num_solver_steps, self.num_steps)
+        self.scheduler = export_scheduler(teacher.scheduler, self.phased, s.num_solver_steps, self.num_steps)
         self.sampler = StudentSampler(self.scheduler, self.num_steps, self.timestep_kwargs)
         self.grid = solver_grid(teacher.scheduler, s.num_solver_steps, **self.timestep_kwargs(s.num_solver_steps))
         self.edges = None
-        if self.method == "pcm":
+        if self.phased:
             self.edges = phase_edges(self.scheduler, self.num_steps, self.grid, s.num_solver_steps, **self.timestep_kwargs(self.num_steps))
         else:
             exported = self.sampler.timesteps.float()
@@ -237,7 +239,7 @@ class ConsistencyDistillation(Distiller):
         with self.w_input.at(w) if self.w_input is not None else contextlib.nullcontext():
             raw = with_network(self.teacher, network).guided_output(x, t, cond, 1.0).float()
         x0, eps = self.schedule.to_x0_eps(raw, x.float(), t, self.prediction_type)
-        if self.method == "pcm":
+        if self.phased:
             a, sg = self.alpha_sigma(self.edge_below(t))
             return self._bc(a, x) * x0 + self._bc(sg, x) * eps  # PCM eq. 6
         if hasattr(self.scheduler, "get_scalings_for_boundary_condition_discrete"):
@@ -290,20 +292,41 @@ class ConsistencyDistillation(Distiller):
         an LCM student of a VP pixel teacher (``pipeline_tcd``; the pipeline's ``eta`` is TCD's gamma)."""
         from diffusers import TCDScheduler
 
-        if self.method != "lcm" or self.schedule.kind != "vp" or self.w_input is not None or self.family != "pixel":
+        if self.phased or self.schedule.kind != "vp" or self.w_input is not None or self.family != "pixel":
             return {}
         return {"pipeline_tcd": TCDScheduler.from_config(self.scheduler.config)}
 
 
-def build(teacher, recipe: ConsistencyRecipe, data: RunData | None) -> ConsistencyDistillation:
-    return ConsistencyDistillation(teacher, recipe, data)
+    # -- the memory plan --------------------------------------------------------------------------
+    @classmethod
+    def method_role_specs(cls, plan) -> list:
+        """The frozen teacher and the student: full (with its EMA, the target network), a
+        w-conditioned copy, or LCM-LoRA's adapters on the teacher's own weights (no EMA)."""
+        s, lora = plan.recipe.consistency, plan.recipe.student.lora_rank
+        config = {**plan.configs.denoiser, "time_cond_proj_dim": s.w_embedding_dim} if s.w_embedding else None
+        shares = "teacher" if (lora > 0 and not s.w_embedding) else None  # LCM-LoRA: on the teacher's weights
+        return [plan.teacher(), plan.student(shares=shares, config=config, ema=plan.recipe.ema is not None and lora == 0)]
+
+
+class LCM(ConsistencyDistillation):
+    """LCM / LCM-LoRA (Luo et al. 2023): one consistency function over the whole trajectory."""
+
+    description = "latent consistency distillation (LCM)"
+
+
+class PCM(ConsistencyDistillation):
+    """PCM (Wang et al. 2024): the trajectory split into K phases, consistency within each."""
+
+    description = "phased consistency distillation (PCM)"
+    phased = True
 
 
 __all__ = [
     "ConsistencyDistillation",
     "ConsistencyRecipe",
     "ConsistencySection",
-    "build",
+    "LCM",
+    "PCM",
     "export_scheduler",
     "phase_edges",
     "solver_grid",

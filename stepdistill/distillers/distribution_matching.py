@@ -52,7 +52,7 @@ from ..errors import RecipeError
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
 from . import ode_pairs
-from .fake_score import (FakeScoreSection, build_fake_score, denoising_loss, discriminator_for, discriminator_loss,
+from .fake_score import (FakeScoreSection, build_fake_score, discriminator_role, denoising_loss, discriminator_for, discriminator_loss,
                          generator_gan_loss)
 from .ode_pairs import load_ode_pairs
 from .recipe import DistillRecipe, lora_targets
@@ -108,21 +108,16 @@ class DistributionMatchingMethod(Distiller):
     (the GAN head, its own learning rate; DMD2 only), "teacher" (frozen; absent when the fake
     score is a LoRA on the teacher's own weights)."""
 
-    description = "distribution matching distillation"
+    recipe_class = DMDRecipe
     one_step_generator = True
 
     def __init__(self, teacher, recipe: DMDRecipe, data: RunData | None, regression_pairs: Mapping[str, torch.Tensor] | None = None):
         super().__init__(teacher, recipe, data)
         self.dmd = d = recipe.dmd
-        self.variant = recipe.method
         self.guidance_scale = recipe.teacher.guidance_scale
         self.pairs = regression_pairs
         self.gan = gan_enabled(recipe, self.real is not None) if data is not None else self._gan_for_export(recipe)
         self.ratio = d.critic_updates_per_generator_update
-        self.description = (
-            "DMD2: distribution matching, TTUR, GAN head on the fake score, backward simulation" if self.variant == "dmd2"
-            else "DMD: distribution matching with a regression loss on teacher ODE pairs"
-        )
         if data is not None:
             self._check(recipe)
 
@@ -143,10 +138,6 @@ class DistributionMatchingMethod(Distiller):
 
     def _check(self, recipe: DMDRecipe) -> None:
         d = recipe.dmd
-        if self.variant == "dmd" and self.gan:
-            raise RecipeError("method 'dmd' has no GAN: set dmd.gan_generator_weight and gan_critic_weight to 0 (or use method: dmd2)")
-        if self.variant == "dmd2" and d.regression_weight > 0:
-            raise RecipeError("method 'dmd2' drops the regression loss: set dmd.regression_weight to 0 (or use method: dmd)")
         if d.regression_weight > 0:
             if self.pairs is None:
                 raise RecipeError("dmd.regression_weight > 0 needs dmd.regression_pairs (make them with `stepdistill distill RECIPE --make-pairs N`)")
@@ -155,7 +146,7 @@ class DistributionMatchingMethod(Distiller):
 
     # -- roles --------------------------------------------------------------------------------
     def method_roles(self) -> dict[str, Role]:
-        opts = self.optimizer_configs(("student", "fake_score", "discriminator"), f"method '{self.variant}'")
+        opts = self.optimizer_configs(("student", "fake_score", "discriminator"), f"method '{self.recipe.method}'")
         roles = {
             "student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema),
             "fake_score": Role(self.fake_score, optimizer=opts["fake_score"]),
@@ -278,17 +269,66 @@ def make_ode_pairs(recipe: DMDRecipe, teacher, pool, num_pairs: int, output: str
                                     guidance_scale=recipe.teacher.guidance_scale, shape=shape, seed=seed)
 
 
-def build(teacher, recipe: DMDRecipe, data: RunData | None) -> DistributionMatchingMethod:
-    """The registry's constructor: the method with its regression pairs (DMD) loaded."""
-    return DistributionMatchingMethod(teacher, recipe, data, regression_pairs=load_regression_pairs(recipe) if data is not None else None)
+# =============================================================================================
+# The registered methods
+# =============================================================================================
+class _Registered(DistributionMatchingMethod):
+    caches_pairs = True  # DMD's regression pairs (dmd.regression_pairs)
+    @classmethod
+    def build(cls, teacher, recipe: DMDRecipe, data: RunData | None) -> DistributionMatchingMethod:
+        """The method with its regression pairs (DMD) loaded."""
+        return cls(teacher, recipe, data, regression_pairs=load_regression_pairs(recipe) if data is not None else None)
+
+    @classmethod
+    def method_role_specs(cls, plan) -> list:
+        """G (with its EMA), the fake score (a full copy, or a LoRA on the teacher's weights) and,
+        with the GAN, its head. With the GAN the fake score also runs the real samples, planned as
+        twice the batch (an upper bound: the real rows run the encoder alone,
+        :meth:`~.fake_score.FakeScore.encode`), and the generator's GAN loss backpropagates
+        through it."""
+        recipe = plan.recipe
+        gan = gan_enabled(recipe, bool(recipe.data.images or recipe.data.latents))
+        fake = plan.trained("fake_score", recipe.fake_score, shares="teacher", batch_factor=2 if gan else 1,
+                            backprop_from=("student",) if gan and recipe.dmd.gan_generator_weight > 0 else ())
+        roles = [plan.teacher(), plan.student(), fake]
+        if gan:
+            roles.append(discriminator_role(plan.configs, backprop_from=("fake_score",) if recipe.dmd.gan_critic_weight > 0 else ()))
+        return roles
+
+    @classmethod
+    def make_pairs(cls, recipe: DMDRecipe, teacher, pool, num_pairs: int) -> Path:
+        return make_ode_pairs(recipe, teacher, pool, num_pairs)
+
+
+class DMD(_Registered):
+    """DMD (Yin et al. 2024a): distribution matching plus a regression loss on teacher ODE pairs; no GAN."""
+
+    description = "DMD: distribution matching with a regression loss on teacher ODE pairs"
+
+    def _check(self, recipe: DMDRecipe) -> None:
+        if self.gan:
+            raise RecipeError("method 'dmd' has no GAN: set dmd.gan_generator_weight and gan_critic_weight to 0 (or use method: dmd2)")
+        super()._check(recipe)
+
+
+class DMD2(_Registered):
+    """DMD2 (Yin et al. 2024b): no regression loss; TTUR, a GAN head on the fake score, backward simulation."""
+
+    description = "DMD2: distribution matching, TTUR, GAN head on the fake score, backward simulation"
+
+    def _check(self, recipe: DMDRecipe) -> None:
+        if recipe.dmd.regression_weight > 0:
+            raise RecipeError("method 'dmd2' drops the regression loss: set dmd.regression_weight to 0 (or use method: dmd)")
+        super()._check(recipe)
 
 
 __all__ = [
+    "DMD",
+    "DMD2",
     "DMDRecipe",
     "DMDSection",
     "DistributionMatchingMethod",
     "FakeScoreSection",
-    "build",
     "gan_enabled",
     "make_ode_pairs",
 ]

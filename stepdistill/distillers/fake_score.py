@@ -214,6 +214,46 @@ def drop_conditions(cond: Conditioning, drop: torch.Tensor) -> Conditioning:
     return replace(cond, cond=pick(cond.cond, cond.uncond))
 
 
+def discriminator_role(configs, backprop_from=()):
+    """``stepdistill plan``'s role of the GAN head on the fake score's bottleneck: its size and
+    inputs from a meta forward of the denoiser (made once per teacher, so estimates of recipe
+    variants share it); fp32: the head upcasts its features."""
+    from ..planning import RoleSpec
+
+    if configs.discriminator is None:
+        configs.discriminator = _discriminator_parts(configs)
+    factory, features = configs.discriminator
+    return RoleSpec("discriminator", module_factory=factory, trainable="full", batch_factor=2, example_inputs=features,
+                    backprop_from=backprop_from)
+
+
+def _discriminator_parts(configs):
+    from ..planning import RoleSpec, build_on_meta
+    from ..planning.activations import example_inputs
+
+    network = build_on_meta(RoleSpec("probe", config=configs.denoiser))
+    module, channels, spatial = bottleneck(network)
+    shapes: dict[tuple[int, int], torch.Size] = {}
+
+    def feature_shape(h: int, w: int) -> torch.Size:
+        if (h, w) not in shapes:
+            def catch(m, args, out):  # returns None: the output is left as it is
+                shapes[(h, w)] = (out[-1] if isinstance(out, (tuple, list)) else out).shape
+
+            hook = module.register_forward_hook(catch)
+            try:
+                with torch.no_grad():
+                    network(**example_inputs(network, 1, h, w, text_tokens=configs.text_tokens))
+            finally:
+                hook.remove()
+        return shapes[(h, w)]
+
+    def features(net, b, h, w, dtype):
+        return {"features": torch.empty(b, *feature_shape(h, w)[1:], device="meta", dtype=dtype)}
+
+    return (lambda: DiscriminatorHead(channels, spatial)), features
+
+
 __all__ = [
     "DiscriminatorHead",
     "FakeScore",
@@ -223,6 +263,7 @@ __all__ = [
     "denoising_loss",
     "discriminator_for",
     "discriminator_loss",
+    "discriminator_role",
     "drop_conditions",
     "encoder_logits",
     "generator_gan_loss",

@@ -90,6 +90,8 @@ class GuidanceRecipe(DistillRecipe):
 class _GuidanceFamily(Distiller):
     """Guidance distillation and AGD: the student replaces the teacher's CFG output at w."""
 
+    recipe_class = GuidanceRecipe
+
     def __init__(self, teacher, recipe: GuidanceRecipe, data: RunData | None):
         super().__init__(teacher, recipe, data)
         self.section = s = recipe.guidance
@@ -239,6 +241,15 @@ class GuidanceDistillation(_GuidanceFamily):
         opts = self.optimizer_configs(("student",), "guidance distillation")
         return {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema)}
 
+    @classmethod
+    def method_role_specs(cls, plan) -> list:
+        """A full w-conditioned copy of the denoiser (the w input as ``w_conditioned_copy`` adds
+        it) next to the frozen teacher."""
+        denoiser = plan.configs.denoiser
+        w_input = ({"guidance_embeds": True} if denoiser.get("_class_name") == "FluxTransformer2DModel"
+                   else {"time_cond_proj_dim": plan.recipe.guidance.w_embedding_dim})
+        return [plan.teacher(), plan.student(lora=False, config={**denoiser, **w_input})]
+
     def guidance_input(self, w: torch.Tensor):
         check_guidance(float(w.reshape(-1)[0]), self.section.guidance_range)
         return self.w_input.at(w)
@@ -259,9 +270,9 @@ def adapter_strength(network: nn.Module, strength):
     A number (or equal entries) sets peft's scale, what ``cross_attention_kwargs={"scale": s}`` /
     ``set_adapters(..., s)`` do in a stock pipeline; a tensor of one strength per sample scales each
     sample's adapter output (a forward hook on every ``lora_B``: its output is batch-first)."""
-    from .common import _lora_layers
+    from .common import lora_layers
 
-    layers = _lora_layers(network)
+    layers = lora_layers(network)
     strength = torch.as_tensor(strength, dtype=torch.float32).reshape(-1)
     uniform = bool((strength == strength[0]).all())
     hooks = []
@@ -314,6 +325,12 @@ class AdapterGuidanceDistillation(_GuidanceFamily):
                               f"{100 * MAX_ADAPTER_FRACTION:g}%): lower student.lora_rank ({rank}) or student.lora_target_modules")
         self.student = network
 
+    @classmethod
+    def method_role_specs(cls, plan) -> list:
+        """LoRA adapters on the teacher's own weights, no second copy. The trajectory bank (host
+        memory, ``guidance.trajectory_bank`` states) is not planned."""
+        return [plan.teacher(), plan.student(shares="teacher")]
+
     def method_roles(self) -> dict[str, Role]:
         opts = self.optimizer_configs(("student",), "agd (the student is the adapters)")
         # the student IS the teacher's network (its adapters off for the teacher): the base's
@@ -341,17 +358,11 @@ def _unwrapped(network: nn.Module) -> nn.Module:
     return network.module if hasattr(network, "module") and not hasattr(network, "config") else network
 
 
-def build(teacher, recipe: GuidanceRecipe, data: RunData | None) -> Distiller:
-    cls = AdapterGuidanceDistillation if recipe.method == "agd" else GuidanceDistillation
-    return cls(teacher, recipe, data)
-
-
 __all__ = [
     "AdapterGuidanceDistillation",
     "GuidanceDistillation",
     "GuidanceRecipe",
     "GuidanceSection",
     "adapter_strength",
-    "build",
     "count_parameters",
 ]

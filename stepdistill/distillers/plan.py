@@ -3,17 +3,9 @@ is loaded -- the recipe's method decides the roles, the teacher directory's ``co
 decide the networks (built on the meta device by :mod:`stepdistill.planning`), and the recipe's
 ``training:`` / ``memory:`` / LoRA settings decide how each is held.
 
-Roles, as the distillers build them (docs/memory.md):
-
-- ``teacher``: the frozen denoiser (``memory.teacher_dtype``, else fp32 as loaded);
-- ``student``: a full copy (fp32 master weights, computed in ``training.mixed_precision``) with
-  its EMA, or a LoRA -- for DMD on its own copy of the base, for LCM-LoRA on the teacher's weights;
-- ``fake_score`` (DMD): a full copy, or a LoRA on the teacher's weights; with the GAN it also runs
-  the real samples, planned as twice the batch (an upper bound: the real rows run the encoder
-  alone, :meth:`~.fake_score.FakeScore.encode`), and the generator's GAN loss backpropagates
-  through it; ``discriminator``: the GAN head on its bottleneck;
-- ``text_encoder*``, ``vae``: frozen; in host memory with ``memory.release_encoders`` (the VAE
-  stays on the GPU when real images are VAE-encoded every step).
+Roles: each method's class declares its own (``method_role_specs``, in its family file, with a
+:class:`~stepdistill.planning.recipe_roles.RolePlanner`: the teacher, the trained copies, the
+encoders; docs/memory.md); this module never branches on a method's name.
 
 The verdict for each GPU size names the cheapest recipe change that fits, as ``--set`` options,
 trying one lever at a time in the order of what they cost the run, then stacking them:
@@ -23,249 +15,24 @@ student, and gradient accumulation (a smaller micro-batch at the same global bat
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
 from ..config import merge
-from ..errors import RecipeError, StepdistillError
+from ..errors import RecipeError
 from ..planning import RoleSpec, Workload, estimate_memory
+from ..planning.recipe_roles import TeacherConfigs, read_teacher_configs
 from ..planning.report import GIB, GPU_SIZES_GIB, DEFAULT_HEADROOM, Change, PlanReport, Verdict
-from .recipe import DistillRecipe, lora_targets
+from .recipe import DistillRecipe
+from .registry import method_class
 
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DEFAULT_LORA_RANK = 64  # what the LoRA levers suggest
 
 
-# -- the teacher directory's configs ------------------------------------------------------------
-@dataclass
-class TeacherConfigs:
-    """What the planner reads from a teacher directory: ``model_index.json`` and each component's
-    ``config.json`` (no weights)."""
-
-    path: str
-    family: str
-    denoiser_name: str
-    denoiser: dict[str, Any]  # config.json of the denoiser (with _class_name)
-    components: dict[str, dict[str, Any]]  # text encoders / vae: config.json with _class_name set
-    text_tokens: int | None
-    discriminator: Any = None  # (module factory, example inputs) of the GAN head, made on first use
-
-    @property
-    def vae_scale_factor(self) -> int:
-        vae = self.components.get("vae")
-        return 2 ** (len(vae["block_out_channels"]) - 1) if vae else 1
-
-    def default_size(self) -> int:
-        """Pixels the stock pipeline makes by default: the denoiser's ``sample_size`` latents
-        (FluxPipeline: 128, its transformer config has none)."""
-        size = 128 if self.family == "flux" else (self.denoiser.get("sample_size") or 64)
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return int(size) * self.vae_scale_factor
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise StepdistillError(f"stepdistill plan reads config files only, and {path} is missing")
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_teacher_configs(path: str | os.PathLike) -> TeacherConfigs:
-    """``model_index.json`` and the component configs of a diffusers pipeline directory."""
-    from ..teachers import detect_family, teacher_class
-
-    path = os.fspath(path)
-    family = detect_family(path)
-    index = _read_json(os.path.join(path, "model_index.json"))
-    name = teacher_class(family).denoiser_name
-    denoiser = {"_class_name": index[name][1], **_read_json(os.path.join(path, name, "config.json"))}
-    components = {}
-    for component in (*TEXT_ENCODERS, "vae"):
-        entry = index.get(component)
-        if entry and entry[0] is not None:
-            components[component] = {**_read_json(os.path.join(path, component, "config.json")), "_class_name": entry[1]}
-    return TeacherConfigs(path, family, name, denoiser, components, _text_tokens(path, family))
-
-
-def _text_tokens(path: str, family: str) -> int | None:
-    """Prompt tokens the denoiser attends to: the CLIP tokenizer's length (+ T5's 256 for SD3,
-    512 T5 tokens for Flux, as the teacher adapters encode); None for class / unconditional teachers."""
-    if family not in ("sd", "sdxl", "sd3", "flux"):
-        return None
-    if family == "flux":
-        return 512
-    tokenizer = os.path.join(path, "tokenizer", "tokenizer_config.json")
-    clip = int(json.load(open(tokenizer)).get("model_max_length", 77)) if os.path.isfile(tokenizer) else 77
-    clip = clip if clip < 10_000 else 77  # "no limit" sentinels
-    return clip + 256 if family == "sd3" else clip
-
-
-# -- roles of each method ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Precision:
-    compute: torch.dtype  # training.mixed_precision (what autocast runs trained networks in)
-    frozen: torch.dtype  # storage of frozen denoiser weights (memory.teacher_dtype, else fp32)
-
-
-def _precision(recipe: DistillRecipe) -> Precision:
-    frozen = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.memory.teacher_dtype or "", torch.float32)
-    return Precision(DTYPES[recipe.training.mixed_precision], frozen)
-
-
-def _frozen_weights(p: Precision) -> dict[str, Any]:
-    """Frozen denoiser weights: stored in ``p.frozen``, computed in ``p.compute`` (autocast)."""
-    return {"param_dtype": p.compute, "frozen_dtype": None if p.frozen == p.compute else p.frozen}
-
-
-def _denoiser_role(configs: TeacherConfigs, name: str, **kwargs) -> RoleSpec:
-    return RoleSpec(name, config=configs.denoiser, **kwargs)
-
-
-def _trained(recipe: DistillRecipe, configs: TeacherConfigs, p: Precision, name: str, lora_rank: int, targets: Sequence[str],
-             shares: str | None = None, **kwargs) -> RoleSpec:
-    """A trained copy of the denoiser: full (fp32 master, autocast copy) or LoRA (on a frozen base)."""
-    common = dict(gradient_checkpointing=recipe.memory.gradient_checkpointing, **kwargs)
-    if lora_rank > 0:
-        return _denoiser_role(configs, name, trainable="lora", lora_rank=lora_rank, lora_targets=tuple(lora_targets(configs.family, list(targets))),
-                              shares_weights_with=shares, **_frozen_weights(p), **common)
-    return _denoiser_role(configs, name, trainable="full", param_dtype=p.compute, **common)
-
-
-def _encoder_roles(recipe: DistillRecipe, configs: TeacherConfigs) -> list[RoleSpec]:
-    """Text encoders and the VAE: frozen, as loaded (fp32); in host memory when released."""
-    release = recipe.memory.release_encoders
-    roles = []
-    for name, config in configs.components.items():
-        on_host = release and not (name == "vae" and recipe.data.images and not recipe.data.latents)
-        roles.append(RoleSpec(name, config=config, on_host=on_host))
-    return roles
-
-
-def dmd_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
-    from .distribution_matching import gan_enabled
-
-    p = _precision(recipe)
-    gan = gan_enabled(recipe, bool(recipe.data.images or recipe.data.latents))
-    student = _trained(recipe, configs, p, "student", recipe.student.lora_rank, recipe.student.lora_target_modules,
-                       ema=recipe.ema is not None)
-    fake = _trained(recipe, configs, p, "fake_score", recipe.fake_score.lora_rank, recipe.fake_score.lora_target_modules,
-                    shares="teacher", batch_factor=2 if gan else 1,
-                    backprop_from=("student",) if gan and recipe.dmd.gan_generator_weight > 0 else ())
-    roles = [_denoiser_role(configs, "teacher", **_frozen_weights(p)), student, fake]
-    if gan:
-        roles.append(_discriminator_role(configs, p, backprop_from=("fake_score",) if recipe.dmd.gan_critic_weight > 0 else ()))
-    return roles + _encoder_roles(recipe, configs)
-
-
-def consistency_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
-    p = _precision(recipe)
-    s = recipe.consistency
-    lora = recipe.student.lora_rank
-    config = configs.denoiser
-    if s.w_embedding:
-        config = {**config, "time_cond_proj_dim": s.w_embedding_dim}
-    shares = "teacher" if (lora > 0 and not s.w_embedding) else None  # LCM-LoRA: on the teacher's weights
-    student = _trained(recipe, configs, p, "student", lora, recipe.student.lora_target_modules, shares=shares,
-                       ema=recipe.ema is not None and lora == 0)
-    if config is not configs.denoiser:
-        student = dataclasses.replace(student, config=config)
-    return [_denoiser_role(configs, "teacher", **_frozen_weights(p)), student, *_encoder_roles(recipe, configs)]
-
-
-def score_distillation_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
-    """SDS / VSD / SiD / SiDA: G, the frozen teacher and (not SDS) the fake score. SiD's generator
-    loss is differentiated through both scores' forwards (their activations add to G's backward);
-    SDS / VSD take their gradient without one. SiDA's fake score also runs the real samples (planned
-    as 2x the batch: an upper bound, their pass stops at the bottleneck)."""
-    p = _precision(recipe)
-    through = ("student",) if recipe.method in ("sid", "sida") else ()
-    student = _trained(recipe, configs, p, "student", recipe.student.lora_rank, recipe.student.lora_target_modules,
-                       ema=recipe.ema is not None)
-    roles = [_denoiser_role(configs, "teacher", backprop_from=through, **_frozen_weights(p)), student]
-    if recipe.method != "sds":
-        roles.append(_trained(recipe, configs, p, "fake_score", recipe.fake_score.lora_rank, recipe.fake_score.lora_target_modules,
-                              shares="teacher", batch_factor=2 if recipe.method == "sida" else 1, backprop_from=through))
-    return roles + _encoder_roles(recipe, configs)
-
-
-def guidance_roles(recipe, configs: TeacherConfigs) -> list[RoleSpec]:
-    """Guidance distillation: a full w-conditioned copy of the denoiser (the w input as
-    ``w_conditioned_copy`` adds it) next to the frozen teacher. AGD: LoRA adapters on the teacher's
-    own weights, no second copy. AGD's trajectory bank (host memory, ``guidance.trajectory_bank``
-    states) is not planned."""
-    p = _precision(recipe)
-    if recipe.method == "agd":
-        student = _trained(recipe, configs, p, "student", recipe.student.lora_rank, recipe.student.lora_target_modules,
-                           shares="teacher", ema=recipe.ema is not None)
-    else:
-        w_input = ({"guidance_embeds": True} if configs.denoiser.get("_class_name") == "FluxTransformer2DModel"
-                   else {"time_cond_proj_dim": recipe.guidance.w_embedding_dim})
-        student = _trained(recipe, configs, p, "student", 0, (), ema=recipe.ema is not None)
-        student = dataclasses.replace(student, config={**configs.denoiser, **w_input})
-    return [_denoiser_role(configs, "teacher", **_frozen_weights(p)), student, *_encoder_roles(recipe, configs)]
-
-
-def _discriminator_role(configs: TeacherConfigs, p: Precision, backprop_from=()) -> RoleSpec:
-    """DMD2's GAN head on the fake score's bottleneck: its size and inputs from a meta forward of
-    the denoiser (made once per teacher, so estimates of recipe variants share it)."""
-    if configs.discriminator is None:
-        configs.discriminator = _discriminator_parts(configs)
-    factory, features = configs.discriminator
-    return RoleSpec("discriminator", module_factory=factory, trainable="full", batch_factor=2, example_inputs=features,
-                    backprop_from=backprop_from)  # fp32: the head upcasts its features
-
-
-def _discriminator_parts(configs: TeacherConfigs):
-    from ..planning import build_on_meta
-    from ..planning.activations import example_inputs
-    from .fake_score import DiscriminatorHead, bottleneck
-
-    network = build_on_meta(RoleSpec("probe", config=configs.denoiser))
-    module, channels, spatial = bottleneck(network)
-    shapes: dict[tuple[int, int], torch.Size] = {}
-
-    def feature_shape(h: int, w: int) -> torch.Size:
-        if (h, w) not in shapes:
-            def catch(m, args, out):  # returns None: the output is left as it is
-                shapes[(h, w)] = (out[-1] if isinstance(out, (tuple, list)) else out).shape
-
-            hook = module.register_forward_hook(catch)
-            try:
-                with torch.no_grad():
-                    network(**example_inputs(network, 1, h, w, text_tokens=configs.text_tokens))
-            finally:
-                hook.remove()
-        return shapes[(h, w)]
-
-    def features(net, b, h, w, dtype):
-        return {"features": torch.empty(b, *feature_shape(h, w)[1:], device="meta", dtype=dtype)}
-
-    return (lambda: DiscriminatorHead(channels, spatial)), features
-
-
-ROLE_PLANS: dict[str, Callable[[Any, TeacherConfigs], list[RoleSpec]]] = {
-    "dmd": dmd_roles, "dmd2": dmd_roles, "lcm": consistency_roles, "pcm": consistency_roles,
-    "sds": score_distillation_roles, "vsd": score_distillation_roles, "sid": score_distillation_roles, "sida": score_distillation_roles,
-    "guidance": guidance_roles, "agd": guidance_roles,
-}
-
-
-def register_role_plan(method: str, roles: Callable[[Any, TeacherConfigs], list[RoleSpec]]) -> None:
-    """Tell ``stepdistill plan`` which roles a distillation method holds (a new family adds a line)."""
-    ROLE_PLANS[method] = roles
-
-
 def recipe_roles(recipe: DistillRecipe, configs: TeacherConfigs) -> list[RoleSpec]:
-    if recipe.method not in ROLE_PLANS:
-        raise StepdistillError(f"stepdistill plan does not know the roles of method {recipe.method!r}; "
-                               f"known: {', '.join(sorted(ROLE_PLANS))} (register_role_plan)")
-    return ROLE_PLANS[recipe.method](recipe, configs)
+    """The roles of ``recipe``'s run as its method's class declares them (``plan_roles``)."""
+    return method_class(recipe.method).plan_roles(recipe, configs)
 
 
 # -- levers: recipe changes, cheapest first ------------------------------------------------------
@@ -300,10 +67,7 @@ def _lora_fake_score(recipe, configs):
 def _lora_student(recipe, configs):
     if recipe.student.lora_rank > 0:
         return {}
-    sets = {"student.lora_rank": DEFAULT_LORA_RANK}
-    if getattr(recipe, "consistency", None) is not None:
-        sets["ema"] = None  # LCM-LoRA has no target network
-    return sets
+    return {"student.lora_rank": DEFAULT_LORA_RANK, **method_class(recipe.method).lora_student_sets}
 
 
 LEVERS = (
@@ -374,8 +138,8 @@ def _workload_args(recipe: DistillRecipe, configs: TeacherConfigs, num_processes
 
 
 def _cached_latent_size(recipe: DistillRecipe) -> tuple[int, int] | None:
-    """(h, w) of the recipe's latent cache for LCM / PCM (its header only), when it exists."""
-    if getattr(recipe, "consistency", None) is None or not recipe.data.latents or not os.path.exists(recipe.data.latents):
+    """(h, w) of the recipe's latent cache (its header only), when it exists and the method trains at its resolution."""
+    if not method_class(recipe.method).trains_at_data_resolution or not recipe.data.latents or not os.path.exists(recipe.data.latents):
         return None
     from ..data import ShardedTensors
 
@@ -460,4 +224,4 @@ def _cheapest_change(recipe, configs, budget, estimate, changed) -> Change | Non
     return with_accumulation(names, stacked)
 
 
-__all__ = ["LEVERS", "ROLE_PLANS", "RecipePlan", "TeacherConfigs", "plan_recipe", "read_teacher_configs", "recipe_roles", "register_role_plan"]
+__all__ = ["LEVERS", "RecipePlan", "TeacherConfigs", "plan_recipe", "read_teacher_configs", "recipe_roles"]

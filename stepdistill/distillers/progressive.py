@@ -204,6 +204,23 @@ class ProgressiveStage(Distiller):
 # The staged method: every halving in one recipe
 # =============================================================================================
 class ProgressiveDistillation(StagedDistillation):
+    """Progressive distillation (Salimans & Ho 2022): halve the step count stage after stage."""
+
+    description = "progressive distillation (Salimans & Ho): halve the step count stage after stage"
+    recipe_class = ProgressiveRecipe
+    trains_at_data_resolution = True  # a latent cache's resolution, not teacher.height / width
+
+    @classmethod
+    def method_role_specs(cls, plan) -> list:
+        """A stage's peak: the frozen teacher (its network the first stage's 2N-step sampler), the
+        full student with its EMA and, from the second stage on, the previous stage's student
+        (frozen: the 2N-step sampler)."""
+        s = plan.recipe.progressive
+        roles = [plan.teacher(), plan.student(lora=False)]
+        if len(stage_step_counts(s.teacher_steps, plan.recipe.student.num_steps)) > 1:
+            roles.append(plan.teacher(name="previous_student"))
+        return roles
+
     def __init__(self, teacher, recipe: ProgressiveRecipe, data: RunData | None):
         super().__init__(teacher, recipe, data)
         s = recipe.progressive
@@ -227,16 +244,11 @@ class ProgressiveDistillation(StagedDistillation):
         return ProgressiveStage(self.teacher, recipe, self.data, previous=previous)
 
 
-def build(teacher, recipe: ProgressiveRecipe, data: RunData | None) -> ProgressiveDistillation:
-    return ProgressiveDistillation(teacher, recipe, data)
-
-
 __all__ = [
     "ProgressiveDistillation",
     "ProgressiveRecipe",
     "ProgressiveSection",
     "ProgressiveStage",
-    "build",
     "stage_step_counts",
     "student_prediction_type",
     "student_scheduler",

@@ -157,7 +157,28 @@ class OneStepStage(_CouplingStage):
 # The staged method
 # =============================================================================================
 class ReflowDistillation(StagedDistillation):
+    """Reflow / InstaFlow (Liu et al. 2023): straighten the teacher's ODE on its couplings, then
+    distil the straightened flow to one step."""
+
+    description = "reflow / InstaFlow: straighten the teacher's ODE on its couplings, then distil it to one step"
+    recipe_class = ReflowRecipe
     stage_names = ["reflow", "one_step"]
+    caches_pairs = True
+
+    @classmethod
+    def method_role_specs(cls, plan) -> list:
+        """Each stage: the full student (with its EMA) trained on cached couplings next to the
+        frozen teacher (the couplings are made before training, with the teacher's CFG)."""
+        return [plan.teacher(), plan.student(lora=False)]
+
+    @classmethod
+    def make_pairs(cls, recipe: ReflowRecipe, teacher, pool, num_pairs: int) -> Path:
+        """``stepdistill distill RECIPE --make-pairs N``: the teacher couplings at ``reflow.pairs``."""
+        if not recipe.reflow.pairs:
+            raise RecipeError("reflow.pairs names no file to write the couplings to")
+        return make_ode_pairs(teacher, pool, num_pairs, recipe.reflow.pairs, steps=recipe.reflow.pair_steps,
+                              guidance_scale=recipe.teacher.guidance_scale,
+                              shape=teacher.sample_shape(recipe.teacher.height, recipe.teacher.width), seed=recipe.training.seed)
 
     def __init__(self, teacher, recipe: ReflowRecipe, data: RunData | None):
         super().__init__(teacher, recipe, data)
@@ -238,19 +259,6 @@ def measure_straightness(teacher, network: nn.Module, pool, recipe: ReflowRecipe
             "definition": "mean over intermediate ODE points, samples and elements of (x_k - (alpha_k x_end + sigma_k x_start))^2"}
 
 
-def build(teacher, recipe: ReflowRecipe, data: RunData | None) -> ReflowDistillation:
-    return ReflowDistillation(teacher, recipe, data)
-
-
-def make_recipe_pairs(recipe: ReflowRecipe, teacher, pool, num_pairs: int) -> Path:
-    """``stepdistill distill RECIPE --make-pairs N`` for a reflow recipe: the teacher couplings at ``reflow.pairs``."""
-    if not recipe.reflow.pairs:
-        raise RecipeError("reflow.pairs names no file to write the couplings to")
-    return make_ode_pairs(teacher, pool, num_pairs, recipe.reflow.pairs, steps=recipe.reflow.pair_steps,
-                          guidance_scale=recipe.teacher.guidance_scale,
-                          shape=teacher.sample_shape(recipe.teacher.height, recipe.teacher.width), seed=recipe.training.seed)
-
-
 __all__ = [
     "OneStepStage",
     "ReflowDistillation",
@@ -258,7 +266,5 @@ __all__ = [
     "ReflowSection",
     "ReflowStage",
     "STRAIGHTNESS_FILE",
-    "build",
-    "make_recipe_pairs",
     "measure_straightness",
 ]

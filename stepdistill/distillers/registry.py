@@ -1,9 +1,10 @@
-"""The distiller registry: a recipe's top-level ``method:`` -> the module that runs it.
+"""The distiller registry: a recipe's top-level ``method:`` -> the class that runs it.
 
-Each entry names the module (imported lazily, so ``stepdistill --help`` stays instant), the
-recipe class in it (the shared sections of :mod:`.recipe` plus the method's own) and the
-``build(teacher, recipe, data)`` function that makes the :class:`~stepdistill.distillers.base.Distiller`. A new family registers
-itself with :func:`register_method`.
+The registry is a table of contents only: each entry names a method and where its class lives
+(``"module:Class"``, imported lazily so ``stepdistill --help`` stays instant). Everything else
+-- the recipe format, the description, the memory plan, ``--make-pairs``, the export -- the
+class declares (:class:`~stepdistill.distillers.base.MethodDeclaration`;
+docs/adding_a_method.md). A new method registers itself with :func:`register_method`.
 """
 
 from __future__ import annotations
@@ -20,40 +21,37 @@ from ..errors import RecipeError
 @dataclass(frozen=True)
 class MethodEntry:
     name: str
-    module: str  # absolute module path
-    recipe: str  # recipe dataclass in the module
-    build: str  # function (teacher, recipe, data: RunData | None) -> Distiller
-    description: str
+    target: str  # "absolute.module.path:ClassName"
 
-    def load(self, attr: str):
-        return getattr(importlib.import_module(self.module), getattr(self, attr))
+    def load(self):
+        """The method's class (a MethodDeclaration)."""
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 METHODS: dict[str, MethodEntry] = {}
 
 
-def register_method(name: str, module: str, recipe: str, build: str, description: str) -> None:
-    METHODS[name] = MethodEntry(name, module, recipe, build, description)
+def register_method(name: str, target: str) -> None:
+    """Register method ``name`` (a recipe's ``method:``) as the class at ``"module:Class"``."""
+    if ":" not in target:
+        raise ValueError(f"register_method: target must be 'module:Class'; got {target!r}")
+    METHODS[name] = MethodEntry(name, target)
 
 
-_DM = "stepdistill.distillers.distribution_matching"
-_CM = "stepdistill.distillers.consistency"
-_GD = "stepdistill.distillers.guidance"
-register_method("dmd", _DM, "DMDRecipe", "build", "DMD: distribution matching + regression on teacher ODE pairs")
-register_method("dmd2", _DM, "DMDRecipe", "build", "DMD2: distribution matching, TTUR, GAN head, backward simulation")
-register_method("lcm", _CM, "ConsistencyRecipe", "build", "LCM / LCM-LoRA: latent consistency distillation")
-register_method("pcm", _CM, "ConsistencyRecipe", "build", "PCM: phased consistency distillation")
-register_method("progressive", "stepdistill.distillers.progressive", "ProgressiveRecipe", "build",
-                "progressive distillation: halve the step count stage after stage (64 -> 32 -> ... -> 1)")
-register_method("reflow", "stepdistill.distillers.reflow", "ReflowRecipe", "build",
-                "reflow / InstaFlow: straighten the teacher's ODE on its couplings, then distil it to one step")
-_SD = "stepdistill.distillers.score_distillation"
-register_method("sds", _SD, "ScoreDistillationRecipe", "build", "SDS: score distillation sampling as a generator loss (baseline)")
-register_method("vsd", _SD, "ScoreDistillationRecipe", "build", "VSD / SwiftBrush: image-free variational score distillation")
-register_method("sid", _SD, "ScoreDistillationRecipe", "build", "SiD: score identity distillation (data-free)")
-register_method("sida", _SD, "ScoreDistillationRecipe", "build", "SiDA: SiD + adversarial loss on the fake score's encoder")
-register_method("guidance", _GD, "GuidanceRecipe", "build", "guidance distillation: a w-conditioned student, one pass per step instead of CFG's two")
-register_method("agd", _GD, "GuidanceRecipe", "build", "adapter guidance distillation: LoRA adapters at strength w - 1 on the frozen teacher")
+_D = "stepdistill.distillers."
+register_method("dmd", _D + "distribution_matching:DMD")
+register_method("dmd2", _D + "distribution_matching:DMD2")
+register_method("lcm", _D + "consistency:LCM")
+register_method("pcm", _D + "consistency:PCM")
+register_method("progressive", _D + "progressive:ProgressiveDistillation")
+register_method("reflow", _D + "reflow:ReflowDistillation")
+register_method("sds", _D + "score_distillation:SDS")
+register_method("vsd", _D + "score_distillation:VSD")
+register_method("sid", _D + "score_distillation:SiD")
+register_method("sida", _D + "score_distillation:SiDA")
+register_method("guidance", _D + "guidance:GuidanceDistillation")
+register_method("agd", _D + "guidance:AdapterGuidanceDistillation")
 
 
 def method_entry(name: Any) -> MethodEntry:
@@ -63,6 +61,11 @@ def method_entry(name: Any) -> MethodEntry:
             raise RecipeError(f"missing required field 'method' (one of: {listing})")
         raise RecipeError(f"field 'method' must be one of {listing}; got {name!r}")
     return METHODS[name]
+
+
+def method_class(name: Any):
+    """The class registered as ``name`` (a RecipeError naming the registered ones otherwise)."""
+    return method_entry(name).load()
 
 
 def load_distill_recipe(
@@ -82,7 +85,7 @@ def load_distill_recipe(
             data = merge(data, overrides)
         sets = parse_set_overrides(set_items)
         data = merge(data, sets)
-        cls = method_entry(data.get("method")).load("recipe")
+        cls = method_class(data.get("method")).recipe_class
         check_override_keys(cls, sets)
         return from_dict(cls, data)
     except RecipeError as exc:
@@ -98,16 +101,16 @@ def recipe_schema() -> dict[str, Any]:
 
     by_class: dict[type, list[str]] = {}
     for name in sorted(METHODS):
-        by_class.setdefault(METHODS[name].load("recipe"), []).append(name)
+        by_class.setdefault(METHODS[name].load().recipe_class, []).append(name)
     branches = []
     for cls, names in by_class.items():
         schema = json_schema(cls)
         del schema["$schema"]
-        schema["properties"]["method"] = {"enum": names, "description": "; ".join(f"{n}: {METHODS[n].description}" for n in names)}
+        schema["properties"]["method"] = {"enum": names, "description": "; ".join(f"{n}: {METHODS[n].load().description}" for n in names)}
         branches.append({"if": {"properties": {"method": {"enum": names}}, "required": ["method"]}, "then": schema})
     return {"$schema": JSON_SCHEMA_DIALECT, "title": "stepdistill distillation recipe", "type": "object", "required": ["method"],
             "properties": {"method": {"enum": sorted(METHODS), "description": "the distillation method (stepdistill/distillers/registry.py)"}},
             "allOf": branches}
 
 
-__all__ = ["METHODS", "MethodEntry", "load_distill_recipe", "method_entry", "recipe_schema", "register_method"]
+__all__ = ["METHODS", "MethodEntry", "load_distill_recipe", "method_class", "method_entry", "recipe_schema", "register_method"]

@@ -75,7 +75,6 @@ from .fake_score import (FakeScoreSection, build_fake_score, denoising_loss, dis
                          generator_gan_loss)
 from .recipe import DistillRecipe, lora_targets
 
-METHODS = ("sds", "vsd", "sid", "sida")
 EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0  # SiD's Karras grid (EDM's defaults)
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # EDM's training noise levels, SiD's fake-score loss
 
@@ -121,7 +120,7 @@ class ScoreDistillationRecipe(DistillRecipe):
 
 def check_recipe(recipe: ScoreDistillationRecipe) -> None:
     """The combinations the family accepts (one-line RecipeErrors)."""
-    s, g, m = recipe.score_distillation, recipe.guidance, recipe.method
+    s, g = recipe.score_distillation, recipe.guidance
     if not 0.0 <= s.min_timestep < s.max_timestep <= 1.0:
         raise RecipeError(f"score_distillation: need 0 <= min_timestep < max_timestep <= 1; got {s.min_timestep}, {s.max_timestep}")
     if not 0 < s.sid_tmax <= 1000:
@@ -139,43 +138,41 @@ def check_recipe(recipe: ScoreDistillationRecipe) -> None:
             raise RecipeError("guidance.mode snoopi draws both branches' scale from guidance.scale_range: leave teacher.guidance_scale and guidance.fake_scale at 1")
     elif g.scale_range is not None:
         raise RecipeError("guidance.scale_range is SNOOPI's per-sample range: set guidance.mode: snoopi (or remove it)")
-    if m == "sds" and (g.mode == "lsg" or g.fake_scale != 1.0):
-        raise RecipeError("method 'sds' has no fake score: guidance.mode lsg and guidance.fake_scale do not apply")
-    if m == "sida" and (g.fake_scale != 1.0 or g.fake_train_scale != 1.0 or g.mode == "snoopi"):
-        raise RecipeError("method 'sida': the discriminator reads the fake score's unguided pass; keep the fake branch unguided "
-                          "(guidance.fake_scale and fake_train_scale 1, mode plain or lsg with kappa_1 = 1)")
+    from .registry import method_class
+
+    variant = method_class(recipe.method)
+    if issubclass(variant, ScoreDistillationMethod):
+        variant.check_variant(recipe)
 
 
 # =============================================================================================
 # The method
 # =============================================================================================
 class ScoreDistillationMethod(Distiller):
-    """SDS / VSD / SiD / SiDA on the shared trainer. Roles: "student" (EMA), "fake_score" (not SDS),
-    "teacher" (frozen; absent when the fake score is a LoRA on the teacher's own weights)."""
+    """The family's shared machinery on the shared trainer (the registered methods are the
+    subclasses below). Roles: "student" (EMA), "fake_score" (not SDS), "teacher" (frozen; absent
+    when the fake score is a LoRA on the teacher's own weights)."""
 
+    recipe_class = ScoreDistillationRecipe
     one_step_generator = True
-    DESCRIPTIONS = {
-        "sds": "SDS: score distillation sampling as a generator loss",
-        "vsd": "VSD / SwiftBrush: image-free variational score distillation with an online fake score",
-        "sid": "SiD: score identity distillation, data-free",
-        "sida": "SiDA: score identity distillation with an adversarial loss on the fake score's encoder",
-    }
+    has_fake_score: bool = True  # SDS: the injected noise stands in for the fake score
+    score_identity: bool = False  # SiD / SiDA: the score-identity loss, differentiated through both scores
+    adversarial: bool = False  # SiDA: a GAN term on the fake score's encoder (needs real data)
+
+    @classmethod
+    def check_variant(cls, recipe: ScoreDistillationRecipe) -> None:
+        """The method's own recipe constraints (one-line RecipeErrors)."""
 
     def __init__(self, teacher, recipe: ScoreDistillationRecipe, data: RunData | None):
         super().__init__(teacher, recipe, data)
-        self.variant = recipe.method
-        if self.variant not in METHODS:
-            raise RecipeError(f"score distillation: method must be one of {', '.join(METHODS)}; got {self.variant!r}")
         check_recipe(recipe)
         self.settings = s = recipe.score_distillation
         self.guidance = recipe.guidance
-        self.adversarial = self.variant == "sida"
-        self.description = self.DESCRIPTIONS[self.variant]
         if data is not None:
             if self.adversarial and self.real is None:
                 raise RecipeError("method 'sida' needs real data for its discriminator: set data.images (or data.latents)")
             if not self.adversarial and self.real is not None:
-                raise RecipeError(f"method '{self.variant}' trains without data images: remove data.images / data.latents "
+                raise RecipeError(f"method '{recipe.method}' trains without data images: remove data.images / data.latents "
                                   "(FD reference: evaluation.reference or evaluation.benchmark)")
         self.ratio = s.critic_updates_per_generator_update
         self.guard = NonFiniteSamples()
@@ -183,7 +180,7 @@ class ScoreDistillationMethod(Distiller):
         self.student = self.init_generator()  # G: initialised from the teacher (full copy, or a LoRA on a copy)
         # The fake score (not SDS): a second full copy, or a LoRA on the teacher's own frozen weights.
         self.fake_score = None
-        if self.variant != "sds":
+        if self.has_fake_score:
             self.fake_score = build_fake_score(teacher, recipe.fake_score.lora_rank,
                                                lora_targets(self.family, recipe.fake_score.lora_target_modules), gan=self.adversarial)
         self.shared_fake = self.fake_score is not None and self.fake_score.shares_teacher_weights
@@ -192,7 +189,7 @@ class ScoreDistillationMethod(Distiller):
 
     # -- roles --------------------------------------------------------------------------------
     def method_roles(self) -> dict[str, Role]:
-        opts = self.optimizer_configs(("student",) if self.fake_score is None else ("student", "fake_score"), f"method '{self.variant}'")
+        opts = self.optimizer_configs(("student",) if self.fake_score is None else ("student", "fake_score"), f"method '{self.recipe.method}'")
         roles = {"student": Role(self.student, optimizer=opts["student"], ema=self.recipe.ema)}
         if self.fake_score is not None:
             roles["fake_score"] = Role(self.fake_score, optimizer=opts["fake_score"])
@@ -246,7 +243,7 @@ class ScoreDistillationMethod(Distiller):
         """SDS / VSD: the gradient g = sigma_t^2 (ε̂_real - ε̂_ref) with ε̂_ref = eps (SDS) or the fake score's (VSD)."""
         x_t = self.schedule.add_noise(x.detach(), eps, t)
         eps_real = self.real_score(x_t, t, cond, w_real, output="epsilon")
-        if self.variant == "sds":
+        if self.fake_score is None:
             eps_ref = eps  # SDS: the injected noise
         else:
             eps_ref = self.fake_prediction(ctx, x_t, t, cond, w_fake, output="epsilon", grad=False)  # VSD: the fake score
@@ -291,7 +288,7 @@ class ScoreDistillationMethod(Distiller):
         # ---- generator update ----
         if update_generator:
             t, eps = self.score_timesteps(ctx), ctx.randn(*self.shape)
-            loss_fn = self.sds_vsd_loss if self.variant in ("sds", "vsd") else self.sid_loss
+            loss_fn = self.sid_loss if self.score_identity else self.sds_vsd_loss
             per_sample, keep, generator_logs = loss_fn(ctx, x, eps, t, cond, w_real, w_fake)
             self.guard.cut(x, keep)
             generator_loss = per_sample[self.guard.filter(keep)].mean()
@@ -329,9 +326,61 @@ class ScoreDistillationMethod(Distiller):
         return logs
 
 
-def build(teacher, recipe: ScoreDistillationRecipe, data: RunData | None) -> ScoreDistillationMethod:
-    """The registry's constructor."""
-    return ScoreDistillationMethod(teacher, recipe, data)
+    # -- the memory plan --------------------------------------------------------------------------
+    @classmethod
+    def method_role_specs(cls, plan) -> list:
+        """G, the frozen teacher and (not SDS) the fake score. SiD's generator loss is
+        differentiated through both scores' forwards (their activations add to G's backward);
+        SDS / VSD take their gradient without one. SiDA's fake score also runs the real samples
+        (planned as 2x the batch: an upper bound, their pass stops at the bottleneck)."""
+        through = ("student",) if cls.score_identity else ()
+        roles = [plan.teacher(backprop_from=through), plan.student()]
+        if cls.has_fake_score:
+            roles.append(plan.trained("fake_score", plan.recipe.fake_score, shares="teacher",
+                                      batch_factor=2 if cls.adversarial else 1, backprop_from=through))
+        return roles
+
+
+# =============================================================================================
+# The registered methods
+# =============================================================================================
+class SDS(ScoreDistillationMethod):
+    """SDS (Poole et al. 2022) as a generator loss: the baseline, no fake score."""
+
+    description = "SDS: score distillation sampling as a generator loss"
+    has_fake_score = False
+
+    @classmethod
+    def check_variant(cls, recipe: ScoreDistillationRecipe) -> None:
+        if recipe.guidance.mode == "lsg" or recipe.guidance.fake_scale != 1.0:
+            raise RecipeError("method 'sds' has no fake score: guidance.mode lsg and guidance.fake_scale do not apply")
+
+
+class VSD(ScoreDistillationMethod):
+    """VSD / SwiftBrush (Wang et al. 2023; Nguyen & Tran 2024): an online fake score replaces the noise."""
+
+    description = "VSD / SwiftBrush: image-free variational score distillation with an online fake score"
+
+
+class SiD(ScoreDistillationMethod):
+    """SiD (Zhou et al. 2024): the score-identity loss, data-free."""
+
+    description = "SiD: score identity distillation, data-free"
+    score_identity = True
+
+
+class SiDA(SiD):
+    """SiDA (Zhou et al. 2025): SiD plus an adversarial loss on the fake score's encoder."""
+
+    description = "SiDA: score identity distillation with an adversarial loss on the fake score's encoder"
+    adversarial = True
+
+    @classmethod
+    def check_variant(cls, recipe: ScoreDistillationRecipe) -> None:
+        g = recipe.guidance
+        if g.fake_scale != 1.0 or g.fake_train_scale != 1.0 or g.mode == "snoopi":
+            raise RecipeError("method 'sida': the discriminator reads the fake score's unguided pass; keep the fake branch unguided "
+                              "(guidance.fake_scale and fake_train_scale 1, mode plain or lsg with kappa_1 = 1)")
 
 
 __all__ = [
@@ -340,6 +389,9 @@ __all__ = [
     "ScoreDistillationMethod",
     "ScoreDistillationRecipe",
     "ScoreDistillationSection",
-    "build",
+    "SDS",
+    "SiD",
+    "SiDA",
+    "VSD",
     "check_recipe",
 ]
