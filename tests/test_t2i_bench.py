@@ -206,3 +206,34 @@ def test_plugin_registers_feature_space_dataset_and_teachers():
     dataset = plugin.t2i_dataset(num_images=4)
     assert dataset.kind == "text" and (dataset.channels, dataset.height, dataset.width) == (3, 32, 32)
     assert set(bench.TEACHERS) <= set(TEACHER_NAMES)
+
+
+def test_run_benchmark_scores_samples_against_their_prompts_and_reports_next_to_the_teacher(tiny_sd_dir, tmp_path):
+    """`data.images: t2i` selects the t2i benchmark: its evaluator reads prompt accuracy (right
+    captions 1.0, rotated ones far lower, FD unchanged), its report is `bench t2i` of the student
+    at its steps and export guidance next to the teacher's rows at w = 1 and the run's w."""
+    from types import SimpleNamespace
+
+    from stepdistill.evaluation.benchmarks import EvaluationSection, benchmark_for
+    from stepdistill.t2i.run_benchmark import T2IBenchmark
+
+    section = EvaluationSection(report_samples=8, teacher_steps=[1, 2])
+    benchmark = benchmark_for(section, "t2i", str(tiny_sd_dir), 3, (32, 32))
+    assert isinstance(benchmark, T2IBenchmark)
+    images, scenes = real_images(64, "test")
+    captions = [scene.caption for scene in scenes]
+    evaluate = benchmark.evaluator()
+    right, wrong = evaluate(images, captions), evaluate(images, captions[1:] + captions[:1])
+    assert right["prompt_accuracy"] == 1.0 and wrong["prompt_accuracy"] < 0.5
+    assert right["fd"] == pytest.approx(wrong["fd"]) and right["colour_accuracy"] == 1.0
+    with pytest.raises(StepdistillError):
+        evaluate(images, None)
+
+    method = SimpleNamespace(num_steps=1, export_guidance_scale=1.0, recipe=SimpleNamespace(teacher=SimpleNamespace(guidance_scale=3.0)))
+    table = benchmark.report(tiny_sd_dir, method, tmp_path / "report", progress=False)
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [(r["steps"], r["guidance_scale"]) for r in written["student"]["rows"]] == [(1, 1.0)]
+    assert [(r["steps"], r["guidance_scale"]) for r in written["teacher"]["rows"]] == [(1, 1.0), (1, 3.0), (2, 1.0), (2, 3.0)]
+    assert written["teacher"]["n"] == 8 and written["teacher"]["heldout_n"] == 2
+    assert table.startswith("| model | steps |") and table.count("\n| teacher |") == 4 and "\n| student | 1 | 1 |" in table
+    assert (tmp_path / "report" / "report.md").read_text() == table + "\n"

@@ -38,7 +38,6 @@ shift, permuted colour channels, shuffled captions, collapse to one image per pr
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -49,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_json, write_text
 from ..errors import StepdistillError
 from ..evaluation.latency import synchronize
 from .data import ATTRIBUTES, SIZE, eval_prompts, parse_caption, render
@@ -246,12 +246,6 @@ def noise_floor(conditions, draws: int = NOISE_FLOOR_DRAWS, reference_count: int
 # --- the benchmark ----------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_bench(
     path_or_name: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -339,8 +333,8 @@ def run_bench(
         "wall_seconds": time.perf_counter() - began,
     }
     if out_dir is not None:
-        _write_atomic(out_dir / "bench.json", json.dumps(results, indent=2) + "\n")
-        _write_atomic(out_dir / "bench.md", _markdown_report(results))
+        write_json(out_dir / "bench.json", results)
+        write_text(out_dir / "bench.md", _markdown_report(results))
     return results
 
 
@@ -357,27 +351,47 @@ def _number(value, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-_HEADER = ("| steps | guidance | prompt acc ↑ | held-out acc ↑ | "
-           + " | ".join(ATTRIBUTES) + " | FD ↓ | precision | recall | diversity | images/s |")
+_COLUMNS = ("| steps | guidance | prompt acc ↑ | held-out acc ↑ | "
+            + " | ".join(ATTRIBUTES) + " | FD ↓ | precision | recall | diversity | images/s |")
+
+
+def _cells(row: dict) -> str:
+    return (
+        f"| {row['steps']} | {row['guidance_scale']:g} | {_number(row['prompt_accuracy'], 3)} | {_number(row['heldout_prompt_accuracy'], 3)} | "
+        + " | ".join(_number(row["attribute_accuracy"][name], 3) for name in ATTRIBUTES)
+        + f" | {_number(row['fd'], 2)} | {_number(row['precision'], 3)} | {_number(row['recall'], 3)} "
+        f"| {_number(row['diversity'], 2)} | {_number(row['images_per_second'], 1)} |"
+    )
+
+
+def _floor_cells(floor: dict) -> str:
+    return (
+        f"| – | {floor['prompt_accuracy']:.3f} | – | "
+        + " | ".join(f"{floor['attribute_accuracy'][name]:.3f}" for name in ATTRIBUTES)
+        + f" | {floor['fd']:.2f} ± {floor['fd_std']:.2f} | {floor['precision']:.3f} | {floor['recall']:.3f} | {_number(floor['diversity'], 2)} | – |"
+    )
 
 
 def format_table(results: dict) -> str:
     """The results of :func:`run_bench` as a markdown table (one row per steps x guidance, per-
     attribute columns are seen-prompt accuracies), the real-image noise floor last."""
-    lines = [_HEADER, "|" + "---:|" * (_HEADER.count("|") - 1)]
-    for row in results["rows"]:
-        lines.append(
-            f"| {row['steps']} | {row['guidance_scale']:g} | {_number(row['prompt_accuracy'], 3)} | {_number(row['heldout_prompt_accuracy'], 3)} | "
-            + " | ".join(_number(row["attribute_accuracy"][name], 3) for name in ATTRIBUTES)
-            + f" | {_number(row['fd'], 2)} | {_number(row['precision'], 3)} | {_number(row['recall'], 3)} "
-            f"| {_number(row['diversity'], 2)} | {_number(row['images_per_second'], 1)} |"
-        )
-    floor = results["noise_floor"]
-    lines.append(
-        f"| real images (noise floor) | – | {floor['prompt_accuracy']:.3f} | – | "
-        + " | ".join(f"{floor['attribute_accuracy'][name]:.3f}" for name in ATTRIBUTES)
-        + f" | {floor['fd']:.2f} ± {floor['fd_std']:.2f} | {floor['precision']:.3f} | {floor['recall']:.3f} | {_number(floor['diversity'], 2)} | – |"
-    )
+    lines = [_COLUMNS, "|" + "---:|" * (_COLUMNS.count("|") - 1)]
+    lines += [_cells(row) for row in results["rows"]]
+    lines.append("| real images (noise floor) " + _floor_cells(results["noise_floor"]))
+    return "\n".join(lines)
+
+
+def format_comparison(results: dict[str, dict]) -> str:
+    """Several :func:`run_bench` results (same prompts, noise and N) in one table with a model
+    column, the noise floor once at the end; where each came from below the table."""
+    lines = ["| model " + _COLUMNS, "|---" + "|---:" * (_COLUMNS.count("|") - 1) + "|"]
+    for name, result in results.items():
+        lines += [f"| {name} " + _cells(row) for row in result["rows"]]
+    first = next(iter(results.values()))
+    lines.append("| real images (noise floor) | – " + _floor_cells(first["noise_floor"]))
+    lines.append("")
+    lines.append(f"N = {first['n']} seen-prompt samples per row ({first['num_prompts']} prompts x {first['samples_per_prompt']} seeds, "
+                 f"seed {first['seed']}), {first['heldout_n']} held-out; " + "; ".join(f"{name}: {result['pipeline']}" for name, result in results.items()))
     return "\n".join(lines)
 
 

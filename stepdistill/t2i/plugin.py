@@ -8,8 +8,12 @@ Importing this module registers, for the library's registries (the core never im
 - teachers ``t2i-sd`` and ``t2i-flow``: the shipped text-to-image teachers
   (``stepdistill/t2i/weights/sd`` and ``.../flow``; an error names the folder while one is missing).
 
-No pipeline benchmark is registered for ``stepdistill eval``: its interface is class labels;
-``stepdistill bench t2i`` scores text-to-image pipelines.
+- benchmark ``t2i`` (:class:`~.run_benchmark.T2IBenchmark`): what scores a distillation run on the
+  t2i teachers (``evaluation.benchmark: t2i``, or ``data.images: t2i``): prompt accuracy and FD
+  during training, the ``bench t2i`` table of student and teacher at its end.
+
+``stepdistill eval`` has no t2i entry (its interface is class labels); ``stepdistill bench t2i``
+scores text-to-image pipelines.
 """
 
 from __future__ import annotations
@@ -41,12 +45,15 @@ def _feature_space():
 
 def register() -> None:
     from ..data import register_dataset
+    from ..evaluation.benchmarks import register_benchmark
     from ..evaluation.feature_spaces import register_feature_space
     from ..teachers import register_teacher
     from .bench import FEATURE_SPACE, TEACHERS, teacher_dir
+    from .run_benchmark import T2IBenchmark
 
     register_dataset("t2i", t2i_dataset, "t2i procedural captioned scenes, training split (10,000, 32x32 RGB, captions)")
     register_feature_space("t2i", _feature_space, FEATURE_SPACE)
+    register_benchmark("t2i", T2IBenchmark)
     for name in TEACHERS:
         register_teacher(name, lambda name=name: teacher_dir(name))
 
