@@ -12,15 +12,12 @@ Both write atomically (the directory is built next to ``output_dir`` and renamed
 refuse a non-empty ``output_dir`` unless ``overwrite=True``, and write a model card rendered from
 the files they wrote (:mod:`stepdistill.model_card`).
 
-A few-step student is trained on the timesteps its exported scheduler produces:
-:func:`make_student_scheduler` builds that scheduler from the teacher's, and
-:func:`student_timesteps` reads the timesteps back from it -- distillers take their training
-timesteps from there, never from a second list.
+A few-step student is trained on the timesteps its exported scheduler produces
+(:func:`stepdistill.sampling.make_student_scheduler` builds it from the teacher's).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -29,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler
 
 from .atomic import atomic_directory
 from .errors import StepdistillError
@@ -39,57 +36,6 @@ PIPELINE_FILE = "class_conditional_pipeline.py"
 GUIDANCE_UNET_FILE = "guidance_unet_2d.py"  # the w-conditioned UNet2DModel, a custom component in unet/
 PIPELINE_SOURCE = Path(__file__).resolve().parent.parent / "pipelines" / PIPELINE_FILE
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name (load_lora_weights)
-
-
-# -- schedulers ---------------------------------------------------------------------------------
-def make_student_scheduler(teacher_scheduler, num_steps: int, init_timestep: int | None = None):
-    """The scheduler a ``num_steps``-step student is trained for and exported with.
-
-    VP teachers (DDPM/DDIM/... configs) get a ``DDIMScheduler`` with the teacher's noise
-    schedule and ``timestep_spacing="trailing"``, so sampling starts at the last training
-    timestep (``num_steps=1`` -> ``[T-1]``; 4 -> ``[999, 749, 499, 249]`` for T = 1000).
-    Flow-matching teachers keep their ``FlowMatchEulerDiscreteScheduler`` config, whose
-    sigmas already start at pure noise.
-
-    ``init_timestep`` (one-step students of VP teachers; ``student.init_timestep``): the one step
-    runs at that timestep instead -- a trailing ``DDIMScheduler`` on the teacher's noise schedule cut
-    after ``init_timestep`` (its betas as ``trained_betas``, ``num_train_timesteps = init_timestep +
-    1``) gives ``set_timesteps(1) == [init_timestep]`` with the teacher's alpha_bar there, and its
-    step returns the x0 estimate, so a stock ``DDIMPipeline`` / ``StableDiffusionPipeline`` with
-    ``num_inference_steps=1`` runs the generator exactly as trained; asked for more steps, it stays
-    on the teacher's timesteps below ``init_timestep`` (the student was trained for one).
-    """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise StepdistillError(f"num_steps must be a positive integer; got {num_steps!r}")
-    if init_timestep is not None:
-        train_steps = teacher_scheduler.config.num_train_timesteps
-        if num_steps != 1 or isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
-            raise StepdistillError("student.init_timestep is for one-step students (student.num_steps: 1) of VP (DDPM / DDIM) "
-                                   f"teachers; this run has num_steps={num_steps} and a {type(teacher_scheduler).__name__}")
-        if not 0 < init_timestep < train_steps:
-            raise StepdistillError(f"student.init_timestep must lie in (0, {train_steps}); got {init_timestep}")
-        betas = teacher_scheduler.betas[: int(init_timestep) + 1]  # after any zero-SNR rescaling: not rescaled again
-        return DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing", num_train_timesteps=int(init_timestep) + 1,
-                                         trained_betas=betas.tolist(), rescale_betas_zero_snr=False)
-    if isinstance(teacher_scheduler, FlowMatchEulerDiscreteScheduler):
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher_scheduler.config)
-    else:
-        scheduler = DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing")
-    train_steps = scheduler.config.num_train_timesteps
-    if num_steps > train_steps:
-        raise StepdistillError(f"num_steps={num_steps} exceeds the teacher's {train_steps} training timesteps")
-    return scheduler
-
-
-def student_timesteps(scheduler, num_steps: int, **set_timesteps_kwargs: Any) -> torch.Tensor:
-    """The timesteps ``scheduler.set_timesteps(num_steps)`` samples at, in sampling order.
-
-    ``scheduler`` is left untouched (a copy is set). Extra keyword arguments go to
-    ``set_timesteps`` (``mu=`` for Flux-style dynamic shifting).
-    """
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(num_steps, device="cpu", **set_timesteps_kwargs)
-    return probe.timesteps.clone()
 
 
 # -- pipeline directories -------------------------------------------------------------------------
@@ -286,9 +232,7 @@ def diffusers_version() -> str:
 
 __all__ = [
     "export_info",
-    "make_student_scheduler",
     "save_class_conditional_pipeline",
     "save_unconditional_pipeline",
-    "student_timesteps",
     "write_lora_file",
 ]

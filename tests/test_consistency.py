@@ -19,7 +19,7 @@ from stepdistill.distillers.registry import method_class
 from stepdistill.distillers.registry import load_distill_recipe
 from stepdistill.distillers.run import distill, export_student
 from stepdistill.errors import RecipeError
-from stepdistill.export import student_timesteps
+from stepdistill.sampling import student_timesteps
 from stepdistill.sampling import ddim_sample
 from stepdistill.teachers.pixel import PixelUNetTeacher
 from stepdistill.training import Trainer

@@ -11,15 +11,10 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 from stepdistill.errors import OutputDirError, StepdistillError
-from stepdistill.export import (
-    make_student_scheduler,
-    save_class_conditional_pipeline,
-    save_unconditional_pipeline,
-    student_timesteps,
-)
+from stepdistill.export import save_class_conditional_pipeline, save_unconditional_pipeline
 from stepdistill.model_card import read_front_matter, update_model_card_metrics
 from stepdistill.pipelines.class_conditional_pipeline import ClassConditionalPipeline
-from stepdistill.sampling import ddim_sample
+from stepdistill.sampling import ddim_sample, make_student_scheduler, student_timesteps
 from stepdistill.teachers.pixel import PixelUNetTeacher
 
 from fresh_process import run_fresh_python

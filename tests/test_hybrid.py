@@ -15,7 +15,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from stepdistill.cli import main
 from stepdistill.errors import StepdistillError
-from stepdistill.export import make_student_scheduler, save_class_conditional_pipeline
+from stepdistill.export import save_class_conditional_pipeline
+from stepdistill.sampling import make_student_scheduler
 from stepdistill.hybrid import save_hybrid_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -16,7 +16,8 @@ from huggingface_hub import ModelCard
 from stepdistill.distillers.common import add_lora
 from stepdistill.distillers.student import save_student_lora, save_student_pipeline
 from stepdistill.errors import StepdistillError
-from stepdistill.export import make_student_scheduler, save_class_conditional_pipeline, save_unconditional_pipeline
+from stepdistill.export import save_class_conditional_pipeline, save_unconditional_pipeline
+from stepdistill.sampling import make_student_scheduler
 from stepdistill.model_card import (
     inside_installed_package,
     portable_path,

@@ -109,7 +109,8 @@ def test_installed_wheel_exports_a_pipeline_that_loads_without_stepdistill(insta
         from diffusers import UNet2DModel, DDIMScheduler
         import stepdistill, stepdistill.export
         assert stepdistill.__file__.startswith({str(installed)!r}), stepdistill.__file__
-        from stepdistill.export import make_student_scheduler, save_class_conditional_pipeline
+        from stepdistill.export import save_class_conditional_pipeline
+        from stepdistill.sampling import make_student_scheduler
         torch.manual_seed(0)
         unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
                            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),

@@ -372,7 +372,7 @@ def test_init_timestep_runs_the_generator_there_and_the_exported_scheduler_agree
 
 
 def test_init_timestep_is_refused_where_it_has_no_meaning():
-    from stepdistill.export import make_student_scheduler
+    from stepdistill.sampling import make_student_scheduler
 
     with pytest.raises(StepdistillError, match="one-step students"):
         make("sid", student={"num_steps": 2, "init_timestep": 600})

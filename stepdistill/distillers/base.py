@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import OptimizerConfig
 from ..errors import RecipeError
-from ..export import make_student_scheduler
+from ..sampling import make_student_scheduler
 from ..training.trainer import Role, Trainer, TrainingMethod
 from .common import has_lora
 from .recipe import DistillRecipe

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..config import EMAConfig, bounded
 from ..errors import RecipeError
-from ..export import make_student_scheduler, student_timesteps
+from ..sampling import make_student_scheduler, student_timesteps
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
 from .common import add_lora, lora_disabled

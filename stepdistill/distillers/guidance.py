@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from ..export import make_student_scheduler
+from ..sampling import make_student_scheduler
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData
 from .common import add_lora, lora_disabled

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from ..export import make_student_scheduler
+from ..sampling import make_student_scheduler
 from ..schedule import canonical_prediction_type
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData, StagedDistillation
@@ -97,7 +97,7 @@ def student_prediction_type(teacher, requested: str | None) -> str:
 
 
 def student_scheduler(teacher, num_steps: int, prediction_type: str):
-    """The exported scheduler (:func:`~stepdistill.export.make_student_scheduler`) with the students' parameterisation."""
+    """The exported scheduler (:func:`~stepdistill.sampling.make_student_scheduler`) with the students' parameterisation."""
     scheduler = make_student_scheduler(teacher.scheduler, num_steps)
     if teacher.schedule.kind == "vp" and scheduler.config.prediction_type != prediction_type:
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RecipeError
-from ..export import make_student_scheduler
+from ..sampling import make_student_scheduler
 from ..training.trainer import Role, StepContext
 from .base import Distiller, RunData, StagedDistillation
 from .ode_pairs import load_ode_pairs, make_ode_pairs, path_deviation

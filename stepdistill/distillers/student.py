@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import StepdistillError
-from ..export import make_student_scheduler, student_timesteps
+from ..sampling import make_student_scheduler, student_timesteps
 from ..teachers.base import PreparedNetwork, denoiser_name, with_network  # noqa: F401 (re-exported)
 
 
@@ -55,7 +55,7 @@ class StudentSampler:
 
     @classmethod
     def for_teacher(cls, teacher, num_steps: int, sample_shape, scheduler=None) -> "StudentSampler":
-        """``scheduler`` defaults to :func:`~stepdistill.export.make_student_scheduler`'s."""
+        """``scheduler`` defaults to :func:`~stepdistill.sampling.make_student_scheduler`'s."""
         scheduler = scheduler if scheduler is not None else make_student_scheduler(teacher.scheduler, num_steps)
         return cls(scheduler, num_steps, lambda steps: pipeline_timestep_kwargs(teacher, sample_shape, steps))
 

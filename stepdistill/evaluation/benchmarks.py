@@ -146,7 +146,7 @@ class DataBenchmark:
         """The same table with a row for each ``(name, pipeline_dir, method)`` (a staged run's stages)."""
         from tqdm.auto import tqdm
 
-        from ..export import make_student_scheduler
+        from ..sampling import make_student_scheduler
         from .conditions import unconditional
         from .generation import generate_images, load_eval_pipeline
         from .scoring import score_images
