@@ -465,6 +465,8 @@ def _description(usage: PipelineUsage, info: ModelCardInfo) -> list[str]:
     facts.append(f"- **Sampling**: {_sampling(usage, info)}.")
     if usage.guidance_scale is not None:
         facts.append(f"- **Guidance**: {_guidance(usage, info)}.")
+    if usage.kind == "text-to-image":
+        facts.append(f"- **Negative prompts**: {_negative_prompt(usage)}.")
     return lines + facts + [""]
 
 
@@ -512,6 +514,22 @@ def _guidance(usage: PipelineUsage, info: ModelCardInfo) -> str:
     if info.teacher_guidance_scale is not None and info.teacher_guidance_scale != 1 and not usage.guidance_embedding:
         text += f"; the teacher's guidance w = {info.teacher_guidance_scale:g} was distilled into the weights"
     return text
+
+
+def _negative_prompt(usage: PipelineUsage) -> str:
+    """What ``negative_prompt`` does in the stock pipeline with this directory's settings: it
+    replaces the empty prompt of CFG's unconditional pass, so it acts only where that pass runs."""
+    if usage.embedded_guidance:
+        return ("`guidance_scale` is not CFG here; `negative_prompt` takes effect with `true_cfg_scale > 1` "
+                "(FluxPipeline's true CFG, a second pass per step), which the student was not trained for")
+    if usage.guidance_embedding:
+        return ("not supported: the stock pipeline ignores `negative_prompt` because guidance is a w-embedding "
+                "input, with no unconditional pass for a negative prompt to replace")
+    if usage.guidance_scale is not None and usage.guidance_scale > 1:
+        return "`negative_prompt` replaces the empty prompt of the classifier-free guidance pass"
+    return ("ignored at the default `guidance_scale` (guidance is baked into the weights, so no unconditional pass runs); "
+            "with `guidance_scale > 1` the pipeline adds a CFG pass against `negative_prompt` on top of the distilled "
+            "guidance, which the student was not trained for")
 
 
 def _usage_notes(usage: PipelineUsage) -> list[str]:

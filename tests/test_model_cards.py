@@ -150,6 +150,11 @@ def test_snippets_say_what_each_pipeline_takes(exports):
     assert "guidance_scale" not in snippets["pixel-ddim"]  # unconditional pipelines take none
     assert "guidance_scale=1.0" in snippets["sd"]  # the stock default (7.5) would run CFG on a distilled student
     assert "guidance_scale=3.5" in snippets["flux"] and "height=32" in snippets["flux"]  # FLUX.1-dev's embedded guidance
+    cards = {name: (d / "README.md").read_text() for name, d in dirs.items()}
+    for name, (task, _, _) in EXPECTED.items():  # what negative_prompt does, on text-to-image cards only
+        assert ("**Negative prompts**" in cards[name]) == (task == "text-to-image"), name
+    assert "ignored at the default `guidance_scale` (guidance is baked into the weights" in cards["sd"]
+    assert "takes effect with `true_cfg_scale > 1`" in cards["flux"]
     lora = snippets["lora-sd"]
     assert 'StableDiffusionPipeline.from_pretrained("teachers/sd")' in lora
     assert 'DDIMScheduler.from_pretrained("exports/lora-sd", subfolder="scheduler")' in lora

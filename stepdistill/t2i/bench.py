@@ -38,6 +38,7 @@ shift, permuted colour channels, shuffled captions, collapse to one image per pr
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -51,6 +52,7 @@ import torch
 from ..atomic import write_json, write_text
 from ..errors import StepdistillError
 from ..evaluation.latency import synchronize
+from ..export import LORA_WEIGHT_NAME
 from .data import ATTRIBUTES, SIZE, eval_prompts, parse_caption, render
 
 DEFAULT_STEPS = (1, 2, 4, 10, 50)
@@ -100,16 +102,22 @@ def resolve_pipeline_dir(path_or_name: str | os.PathLike) -> str:
 
 def load_t2i_pipeline(path_or_name: str | os.PathLike, device: str | torch.device = "cpu"):
     """A text-to-image diffusers pipeline from a directory or a registered teacher name, loaded with
-    the stock ``DiffusionPipeline.from_pretrained(dir)`` (no remote code)."""
+    the stock ``DiffusionPipeline.from_pretrained(dir)`` (no remote code). A LoRA directory (a LoRA
+    student's export: ``pytorch_lora_weights.safetensors``, ``scheduler/``, a model card naming its
+    ``base_model``) is loaded the way its card's snippet does: the base pipeline, the directory's
+    scheduler, ``pipe.load_lora_weights(dir)``."""
     import inspect
 
     from diffusers import DiffusionPipeline
 
     path = resolve_pipeline_dir(path_or_name)
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise StepdistillError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    lora = os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)) and not os.path.isfile(os.path.join(path, "model_index.json"))
+    if not lora and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise StepdistillError(f"{path} is not a diffusers pipeline directory (no model_index.json) nor a LoRA directory ({LORA_WEIGHT_NAME})")
     try:
-        pipe = DiffusionPipeline.from_pretrained(path)
+        pipe = _load_lora_directory(path) if lora else DiffusionPipeline.from_pretrained(path)
+    except StepdistillError:
+        raise
     except Exception as exc:  # diffusers raises many types for broken directories
         raise StepdistillError(f"cannot load the pipeline in {path}: {exc}".splitlines()[0]) from exc
     if "prompt" not in inspect.signature(pipe.__call__).parameters:
@@ -117,6 +125,24 @@ def load_t2i_pipeline(path_or_name: str | os.PathLike, device: str | torch.devic
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
+
+
+def _load_lora_directory(path: str):
+    import diffusers
+
+    from ..model_card import read_front_matter
+
+    base = read_front_matter(path).get("base_model")
+    if not base:
+        raise StepdistillError(f"{path} holds a LoRA file but its model card names no base_model to load it onto")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(resolve_pipeline_dir(base))
+    scheduler_dir = os.path.join(path, "scheduler")
+    if os.path.isdir(scheduler_dir):
+        with open(os.path.join(scheduler_dir, "scheduler_config.json")) as f:
+            cls = getattr(diffusers, json.load(f)["_class_name"])
+        pipe.scheduler = cls.from_pretrained(path, subfolder="scheduler")
+    pipe.load_lora_weights(path)
+    return pipe
 
 
 @torch.no_grad()
