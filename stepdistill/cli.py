@@ -200,33 +200,17 @@ def _eval_command(args: argparse.Namespace) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluation import run_evaluation
-    from .evaluation.report import format_table
+    import dataclasses
 
-    results = run_evaluation(
-        args.pipeline_dirs,
-        args.output_dir,
-        names=args.names,
-        prompts_file=args.prompts,
-        num_prompts=args.num_prompts,
-        samples_per_prompt=args.samples_per_prompt,
-        class_labels=args.class_labels,
-        num_samples=args.num_samples,
-        steps=args.steps,
-        guidance_scales=args.guidance_scales,
-        gammas=args.gammas or (),
-        seed=args.seed,
-        batch_size=args.batch_size,
-        real_dir=args.real_dir,
-        feature=args.feature,
-        inception_weights=args.inception_weights,
-        reference_cache_dir=args.reference_cache,
-        clip_model=args.clip_model,
-        kid_subsets=args.kid_subsets,
-        latency_batch_size=args.latency_batch_size,
-        update_model_cards=args.update_model_card,
-        command=_eval_command(args),
-    )
+    from .evaluation.report import format_table
+    from .evaluation import EvalOptions, run_evaluation
+
+    renamed = {"prompts": "prompts_file", "reference_cache": "reference_cache_dir", "update_model_card": "update_model_cards"}
+    given = {renamed.get(key, key): value for key, value in vars(args).items()}
+    given["gammas"] = given["gammas"] or ()
+    fields = {f.name for f in dataclasses.fields(EvalOptions)} - {"command"}  # args.command is the subcommand
+    options = EvalOptions(**{key: value for key, value in given.items() if key in fields}, command=_eval_command(args))
+    results = run_evaluation(args.pipeline_dirs, args.output_dir, options)
     print(format_table(results))
     print(f"features: {results['feature']}")
     outputs = results["outputs"]

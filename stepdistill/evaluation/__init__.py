@@ -12,7 +12,7 @@ from .generation import EvalPipeline, generate_images, load_eval_pipeline
 from .ladder import feature_ladder
 from .latency import measure_latency
 from .reference import list_images, reference_features
-from .runner import run_evaluation
+from .runner import EvalOptions, run_evaluation
 from .scoring import Reference, make_evaluator, score_images
 
 __all__ = [
@@ -43,5 +43,6 @@ __all__ = [
     "reference_features",
     "register_feature_space",
     "run_evaluation",
+    "EvalOptions",
     "score_images",
 ]

@@ -10,12 +10,14 @@ deterministic for given arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -153,38 +155,47 @@ def _configurations(model: EvalPipeline, steps, guidance_scales, gammas) -> list
     return [(s, w, g) for s in steps for w in scales for g in model_gammas]
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How :func:`run_evaluation` samples and scores: one typed object (``stepdistill eval`` fills it
+    from its flags); every field is described in :func:`run_evaluation`."""
+
+    names: Sequence[str] | None = None
+    prompts_file: str | os.PathLike | None = None
+    num_prompts: int | None = None
+    samples_per_prompt: int = 4
+    class_labels: Sequence[int] | None = None
+    num_samples: int | None = None
+    steps: Sequence[int] = DEFAULT_STEPS
+    guidance_scales: Sequence[float] = (1.0,)
+    gammas: Sequence[float] = ()
+    seed: int = 0
+    batch_size: int = 256
+    real_dir: str | os.PathLike | None = None
+    feature: str | nn.Module = "auto"
+    inception_weights: str | os.PathLike | None = None
+    reference_cache_dir: str | os.PathLike | None = None
+    clip_model: Any = None  # a local CLIP directory, or a callable returning (model, processor)
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    pr_k: int = 3
+    latency_batch_size: int = 16
+    latency_repeats: int = 3
+    noise_floor: bool = True
+    update_model_cards: bool = False
+    command: str | None = None
+    device: str | None = None
+    progress: bool = True
+
+
 def run_evaluation(
     pipeline_dirs: Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
-    *,
-    names: Sequence[str] | None = None,
-    prompts_file: str | os.PathLike | None = None,
-    num_prompts: int | None = None,
-    samples_per_prompt: int = 4,
-    class_labels: Sequence[int] | None = None,
-    num_samples: int | None = None,
-    steps: Sequence[int] = DEFAULT_STEPS,
-    guidance_scales: Sequence[float] = (1.0,),
-    gammas: Sequence[float] = (),
-    seed: int = 0,
-    batch_size: int = 256,
-    real_dir: str | os.PathLike | None = None,
-    feature: str | nn.Module = "auto",
-    inception_weights: str | os.PathLike | None = None,
-    reference_cache_dir: str | os.PathLike | None = None,
-    clip_model=None,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    pr_k: int = 3,
-    latency_batch_size: int = 16,
-    latency_repeats: int = 3,
-    noise_floor: bool = True,
-    update_model_cards: bool = False,
-    command: str | None = None,
-    device: str | None = None,
-    progress: bool = True,
+    options: EvalOptions | None = None,
+    **fields: Any,
 ) -> dict:
     """Evaluate pipeline directories (teacher and students side by side); returns the metrics dict.
+    ``options`` (:class:`EvalOptions`), with any of its fields given as keywords on top.
 
     Conditions: class labels (class-balanced over ``num_samples``, default 2000, or cycling
     through ``class_labels``), or the prompts of ``prompts_file`` (first ``num_prompts``), each
@@ -198,6 +209,15 @@ def run_evaluation(
     directory, where it has one -- never into a directory inside an installed package (those are
     listed under ``model_cards_left_alone``). Without it the input directories are not touched.
     """
+    o = dataclasses.replace(options or EvalOptions(), **fields)
+    clip_model = o.clip_model
+    names, prompts_file, num_prompts, samples_per_prompt = o.names, o.prompts_file, o.num_prompts, o.samples_per_prompt
+    class_labels, num_samples, steps, guidance_scales = o.class_labels, o.num_samples, o.steps, o.guidance_scales
+    gammas, seed, batch_size, real_dir = o.gammas, o.seed, o.batch_size, o.real_dir
+    feature, inception_weights, reference_cache_dir, kid_subsets = o.feature, o.inception_weights, o.reference_cache_dir, o.kid_subsets
+    kid_subset_size, pr_k, latency_batch_size, latency_repeats = o.kid_subset_size, o.pr_k, o.latency_batch_size, o.latency_repeats
+    noise_floor, update_model_cards, command, device = o.noise_floor, o.update_model_cards, o.command, o.device
+    progress = o.progress
     from tqdm.auto import tqdm
 
     from .report import write_outputs
