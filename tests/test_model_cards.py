@@ -7,6 +7,7 @@ matter parses with huggingface_hub's ModelCard and names the right pipeline_tag 
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from stepdistill.errors import StepdistillError
 from stepdistill.export import save_class_conditional_pipeline, save_unconditional_pipeline
 from stepdistill.sampling import make_student_scheduler
 from stepdistill.model_card import (
+    METRICS_END,
+    METRICS_START,
     inside_installed_package,
     portable_path,
     read_front_matter,
@@ -31,6 +34,8 @@ from stepdistill.teachers.sdxl import StableDiffusionXLTeacher
 from stepdistill.teachers.stable_diffusion import StableDiffusionTeacher
 
 from fresh_process import run_fresh_python
+
+ROOT = Path(__file__).resolve().parent.parent
 from tiny_pipelines import (
     tiny_dit_pipeline,
     tiny_flux_pipeline,
@@ -277,3 +282,17 @@ def test_a_distillation_run_card_names_its_recipe_teacher_timesteps_and_guidance
     assert "guidance_scale=1.0" in snippet and "height=32" in snippet and "trust_remote_code" not in snippet
     assert ("load_lora_weights" in snippet) == bool(lora_rank)
     assert str(tmp_path) not in text
+
+
+def test_a_run_card_states_the_end_of_run_report_numbers(tmp_path):
+    """The exported student's card carries the rows of the table the run printed (N =
+    evaluation.report_samples), not the periodic evaluation's (N = training.num_eval_samples)."""
+    from stepdistill.distillers.run import distill
+
+    short = ["training.max_steps=4", "training.batch_size=8", "training.eval_every=4", "training.num_eval_samples=20",
+             "training.checkpoint_every=4", "evaluation.report_samples=50", "evaluation.teacher_steps=[1]"]
+    out = distill(ROOT / "configs" / "digits_dmd2.yaml", tmp_path / "run", set_items=short, progress=False)
+    (row,) = json.loads((tmp_path / "run" / "report" / "student" / "bench.json").read_text())["rows"]
+    card = (out / "README.md").read_text()
+    table = card[card.index(METRICS_START):card.index(METRICS_END)]
+    assert "(end-of-run report)" in table and f"{row['fd']:.2f}" in table and "| 50 |" in table and "| 20 |" not in table

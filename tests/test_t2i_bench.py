@@ -230,8 +230,12 @@ def test_run_benchmark_scores_samples_against_their_prompts_and_reports_next_to_
         evaluate(images, None)
 
     method = SimpleNamespace(num_steps=1, export_guidance_scale=1.0, recipe=SimpleNamespace(teacher=SimpleNamespace(guidance_scale=3.0)))
-    table = benchmark.report(tiny_sd_dir, method, tmp_path / "report", progress=False)
+    report = benchmark.report(tiny_sd_dir, method, tmp_path / "report", progress=False)
+    table = str(report)
     written = json.loads((tmp_path / "report" / "report.json").read_text())
+    (card_row,) = report.students["student"]  # what the run writes into the student's model card
+    assert card_row["num_samples"] == 8 and card_row["prompt_accuracy"] == written["student"]["rows"][0]["prompt_accuracy"]
+    assert card_row["fd"] == written["student"]["rows"][0]["fd"] and "attribute_accuracy_colour" in card_row
     assert [(r["steps"], r["guidance_scale"]) for r in written["student"]["rows"]] == [(1, 1.0)]
     assert [(r["steps"], r["guidance_scale"]) for r in written["teacher"]["rows"]] == [(1, 1.0), (1, 3.0), (2, 1.0), (2, 3.0)]
     assert written["teacher"]["n"] == 8 and written["teacher"]["heldout_n"] == 2

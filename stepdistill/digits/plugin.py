@@ -78,16 +78,17 @@ class DigitsBenchmark:
 
         return make_evaluator(digits_reference())
 
-    def report(self, student_dir, method, output_dir, progress: bool = True) -> str:
+    def report(self, student_dir, method, output_dir, progress: bool = True):
         """``bench digits`` of the student at its step count, next to the shipped teacher's rows at
         ``evaluation.teacher_steps`` without guidance and at the teacher guidance the run used."""
         return self.report_students([("student", student_dir, method)], output_dir, progress=progress)
 
-    def report_students(self, students, output_dir, progress: bool = True) -> str:
+    def report_students(self, students, output_dir, progress: bool = True):
         """The same table with a row for each ``(name, pipeline_dir, method)`` (a staged run's
         stages), each at its own step count, above the teacher's rows."""
         from pathlib import Path
 
+        from ..evaluation.benchmarks import RunReport, card_rows
         from .bench import default_teacher_dir, format_comparison, run_bench
 
         s = self.settings
@@ -101,7 +102,8 @@ class DigitsBenchmark:
                                        guidance_scales=tuple(guidance), progress=progress)
         table = format_comparison(results)
         (out / "report.md").write_text(table + "\n")
-        return table
+        rows = {name: card_rows(results[name]["rows"], s.report_samples) for name, _, _ in students}
+        return RunReport(table, rows, reference=results["teacher"]["reference"], feature="digits classifier penultimate features")
 
     # -- stepdistill eval ------------------------------------------------------------------------
     def load(self, path, device="cpu"):

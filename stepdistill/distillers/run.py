@@ -268,9 +268,23 @@ def _distill(recipe: DistillRecipe, recipe_path, output_dir: Path, *, resume: bo
         print(f"stepdistill distill: {describe_levers(levers)}", flush=True)
     out = _train_and_export(method, trainer, output_dir, recipe_path)
     if trainer.accelerator.is_main_process and do_report and out.name == "pipeline":
-        print(benchmark.report(out, method, output_dir / "report", progress=progress))
+        report = benchmark.report(out, method, output_dir / "report", progress=progress)
+        print(report)
+        _card_metrics_from_report(report, {"student": out}, recipe_path)
     trainer.finish()
     return out
+
+
+def _card_metrics_from_report(report, artefacts: Mapping[str, Path], recipe_path) -> None:
+    """Put each student's end-of-run rows (N = evaluation.report_samples) into its model card, in
+    place of the periodic evaluation's, so the card states what the printed table says."""
+    from ..model_card import update_model_card_metrics
+
+    command = "stepdistill distill " + (portable_path(recipe_path) if not isinstance(recipe_path, Mapping) else "RECIPE")
+    for name, directory in artefacts.items():
+        rows = report.students.get(name)
+        if rows:
+            update_model_card_metrics(directory, rows, f"{command} (end-of-run report)", reference=report.reference, feature=report.feature)
 
 
 def _train_and_export(method: Distiller, trainer, output_dir: Path, recipe_path) -> Path:
@@ -332,7 +346,9 @@ def _distill_stages(staged: StagedDistillation, recipe_path, output_dir: Path, *
         if index < len(staged.stage_names) - 1:
             del trainer
     if state.is_main_process and benchmark is not None and all(out.name == "pipeline" for _, out, _ in students):
-        print(benchmark.report_students(students, output_dir / "report", progress=progress))
+        report = benchmark.report_students(students, output_dir / "report", progress=progress)
+        print(report)
+        _card_metrics_from_report(report, {name: path for name, path, _ in students}, recipe_path)
     trainer.finish()
     return students[-1][1]
 

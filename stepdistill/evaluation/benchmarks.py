@@ -17,7 +17,6 @@ random-conv features -- never silently called FID).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..atomic import write_json, write_text
 from ..config import bounded
 from ..errors import StepdistillError
 
@@ -45,6 +45,36 @@ class EvaluationSection:
     report: bool = True  # the end-of-run table: student next to the teacher, N = report_samples
     report_samples: int = bounded(2000, ge=1)
     teacher_steps: list[int] = bounded(default_factory=lambda: [1, 2, 4, 10], ge=1)  # teacher rows of the table
+
+
+@dataclass
+class RunReport:
+    """What a benchmark's end-of-run report returns: the table the run prints (``str(report)``) and
+    each student's rows at N = ``evaluation.report_samples``, flat (numbers and text), which the run
+    writes into the student's model card -- so the card states the numbers the table printed."""
+
+    table: str
+    students: dict[str, list[dict[str, Any]]]
+    reference: Optional[str] = None  # the real images FD was measured against
+    feature: Optional[str] = None  # the feature space
+
+    def __str__(self) -> str:
+        return self.table
+
+
+def card_rows(rows: list[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:
+    """Rows for a model card: numbers and text only (one level of dicts flattened to ``key_sub``),
+    with ``num_samples``."""
+    flat = []
+    for row in rows:
+        out: dict[str, Any] = {"num_samples": num_samples}
+        for key, value in row.items():
+            if isinstance(value, dict):
+                out.update({f"{key}_{sub}": v for sub, v in value.items() if isinstance(v, (int, float, str)) or v is None})
+            elif isinstance(value, (int, float, str)) or value is None:
+                out[key] = value
+        flat.append(out)
+    return flat
 
 
 def register_benchmark(name: str, factory: Callable[..., Any]) -> None:
@@ -138,11 +168,11 @@ class DataBenchmark:
         std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
         return {"fd": mean, "fd_std": std, "num_samples": num_samples, "draws": values, "source": "reference images drawn with replacement"}
 
-    def report(self, student_dir, method, output_dir, progress: bool = True) -> str:
+    def report(self, student_dir, method, output_dir, progress: bool = True) -> RunReport:
         """The student's row next to the teacher's (DDIM, trailing spacing for VP teachers) at N = report_samples."""
         return self.report_students([("student", student_dir, method)], output_dir, progress=progress)
 
-    def report_students(self, students, output_dir, progress: bool = True) -> str:
+    def report_students(self, students, output_dir, progress: bool = True) -> RunReport:
         """The same table with a row for each ``(name, pipeline_dir, method)`` (a staged run's stages)."""
         from tqdm.auto import tqdm
 
@@ -175,10 +205,10 @@ class DataBenchmark:
         }
         table = format_report(results)
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "report.md").write_text(table + "\n")
-        return table
+        write_json(out / "report.json", results)
+        write_text(out / "report.md", table + "\n")
+        students_rows = {name: card_rows([r for r in rows if r["model"] == name], n) for name, _, _ in students}
+        return RunReport(table, students_rows, reference=self.reference().info["name"], feature=self.feature_name)
 
 
 def format_report(results: dict) -> str:
@@ -199,4 +229,4 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BENCHMARKS", "DataBenchmark", "EvaluationSection", "benchmark_for", "format_report", "register_benchmark", "registered_benchmark"]
+__all__ = ["BENCHMARKS", "DataBenchmark", "EvaluationSection", "RunReport", "benchmark_for", "card_rows", "format_report", "register_benchmark", "registered_benchmark"]

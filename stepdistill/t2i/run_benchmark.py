@@ -37,13 +37,14 @@ class T2IBenchmark:
 
         return evaluate
 
-    def report(self, student_dir, method, output_dir, progress: bool = True) -> str:
+    def report(self, student_dir, method, output_dir, progress: bool = True):
         return self.report_students([("student", student_dir, method)], output_dir, progress=progress)
 
-    def report_students(self, students, output_dir, progress: bool = True) -> str:
+    def report_students(self, students, output_dir, progress: bool = True):
         """A row for each ``(name, pipeline_dir, method)`` at its own step count and export
         guidance, then the teacher's rows; the table is written to ``output_dir/report.md``."""
         from ..atomic import write_json, write_text
+        from ..evaluation.benchmarks import RunReport, card_rows
         from .bench import format_comparison, run_bench
 
         s = self.settings
@@ -60,4 +61,5 @@ class T2IBenchmark:
         table = format_comparison(results)
         write_text(out / "report.md", table + "\n")
         write_json(out / "report.json", results)
-        return table
+        rows = {name: card_rows(results[name]["rows"], n) for name, _, _ in students}
+        return RunReport(table, rows, reference=results["teacher"]["reference"], feature=results["teacher"]["feature_space"])
