@@ -269,32 +269,30 @@ def _cmd_schema(args: argparse.Namespace) -> None:
     print(json.dumps(schema, indent=2))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="stepdistill",
-        description="Diffusion step distillation: few-step students from multi-step teachers, as diffusers pipelines.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+SET_HELP = "override a recipe key (repeatable), validated like the file, e.g. --set training.max_steps=100"
 
-    set_help = "override a recipe key (repeatable), validated like the file, e.g. --set training.max_steps=100"
+
+def _add_train_teacher(sub) -> None:
     p = sub.add_parser("train-teacher", help="train a pixel teacher on an image folder / dataset and export it as a pipeline",
                        description="Train a pixel UNet2DModel teacher from a YAML recipe on the images it names "
                        "(data.images: an image folder, a `datasets` directory or `digits`) and export its EMA weights: "
                        "a stock DDPMPipeline (unconditional data) or a ClassConditionalPipeline (class sub-folders).")
     p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_teacher.yaml or configs/shapes_teacher.yaml")
     p.add_argument("--output-dir", default="runs/teacher", help="run directory (checkpoints, logs, exported pipeline)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
     p.set_defaults(func=_cmd_train_teacher)
 
+
+def _add_distill(sub) -> None:
     p = sub.add_parser("distill", help="distill a few-step student from a teacher (DMD, DMD2, LCM, PCM ...)",
                        description="Train a few-step student with a distillation recipe (its `method:` picks the distiller) "
                        "and export it as a drop-in diffusers pipeline (OUTPUT_DIR/pipeline) or, for a LoRA student of a "
                        "latent teacher, a LoRA file (OUTPUT_DIR/lora). See docs/dmd2.md, docs/consistency.md, docs/guidance.md.")
     p.add_argument("recipe", help="YAML recipe, e.g. configs/digits_dmd2.yaml or configs/pixel_dmd2.yaml")
     p.add_argument("--output-dir", default="runs/distill", help="run directory (checkpoints, logs, curve, exported student)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
     p.add_argument("--make-pairs", type=int, default=0, metavar="N",
@@ -302,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or reflow's couplings (reflow.pairs)")
     p.set_defaults(func=_cmd_distill)
 
+
+def _add_hybrid(sub) -> None:
     p = sub.add_parser("hybrid", help="one pipeline directory running the teacher for the first k steps and the student for the rest",
                        description="Hybrid inference (Gandikota & Bau 2025, 'Distilling Diversity'): write a HybridClassConditionalPipeline "
                        "that carries the student and the teacher network; the first --teacher-steps steps of the student's scheduler "
@@ -317,18 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=_cmd_hybrid)
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="estimate a distillation recipe's memory per role, before loading any weight",
                        description="Per role (student, teacher, fake score, discriminator, EMA, text encoders, VAE): parameters, "
                        "weights, gradients, optimizer states and activations of the recipe's training step, built on the meta device "
                        "from the teacher directory's config files alone; a verdict per GPU size and the cheapest recipe change that "
                        "fits. See docs/memory.md.")
     p.add_argument("recipe", help="YAML distillation recipe, e.g. configs/sdxl_dmd2.yaml")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--gpus", type=float, nargs="+", default=[24, 48, 80], help="GPU memory sizes to judge, in GiB")
     p.add_argument("--headroom", type=float, default=1.2, help="a GPU fits when headroom x peak <= its memory")
     p.add_argument("--processes", type=int, default=1, help="data-parallel processes sharing training.batch_size")
     p.set_defaults(func=_cmd_plan)
 
+
+def _add_curve(sub) -> None:
     p = sub.add_parser("curve", help="plot FD against training minutes from distillation runs' curve.jsonl",
                        description="Plot a metric of the periodic evaluation (curve.jsonl) against wall-clock minutes, "
                        "one line per run directory.")
@@ -340,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", action="store_true", help="logarithmic metric axis")
     p.set_defaults(func=_cmd_curve)
 
+
+def _add_train_classifier(sub) -> None:
     p = sub.add_parser("train-classifier", help="retrain the digits classifier that defines the digits FD",
                        description="Retrain the digits classifier (its penultimate features define the digits FD; "
                        "its predictions give class accuracy). The package ships these weights already.")
@@ -347,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_train_classifier)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="run a reference benchmark (digits, t2i) on a pipeline directory",
                        description="FD and class accuracy at several step counts, with and without CFG, the noise "
                        "floor, and images/second. Writes bench.json and bench.md. t2i: prompt accuracy (overall, per "
@@ -359,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline_dir", nargs="?", default=None, metavar="PIPELINE_DIR | RECIPE",
                    help="digits: diffusers pipeline directory (default: the shipped digits teacher); overhead: a distillation recipe; "
                    "t2i: a text-to-image pipeline directory or a teacher name (t2i-sd, t2i-flow)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="overhead: " + set_help)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="overhead: " + SET_HELP)
     p.add_argument("--rounds", type=int, default=3, help="overhead: timed iterations, alternating with bare replays (medians)")
     p.add_argument("--output-dir", default=None, help="where bench.json and bench.md are written (digits default: outputs/bench; "
                    "t2i: only when given)")
@@ -376,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a training run's model as a diffusers pipeline directory (or LoRA file)",
                        description="Export the (EMA) weights of a training run (train-teacher or distill, any method and family) "
                        "as the run exports them at its end: a drop-in diffusers pipeline, or a LoRA file for LoRA students.")
@@ -385,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_export)
 
+
+def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate a sample grid PNG from a pipeline directory",
                        description="Generate images with a class-conditional pipeline directory and save a grid PNG.")
     p.add_argument("pipeline_dir", help="diffusers pipeline directory")
@@ -396,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_sample)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate pipeline directories: FD/FID, KID, precision/recall, diversity, CLIP, latency",
                        description="Evaluate one or more diffusers pipeline directories (teacher and students side by side) "
                        "over step counts, guidance scales and TCD gammas. Writes metrics.json, metrics.md, samples.png and "
@@ -431,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "that has one; never a directory inside an installed package (e.g. the shipped digits teacher)")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_data(sub) -> None:
     p = sub.add_parser("data", help="make a reference benchmark's image folder (shapes, t2i)",
                        description="Write the shapes benchmark's images: a flat folder of procedural RGB PNGs "
                        "(00000.png ...) and a README.md saying how it was made. See docs/shapes.md. t2i: train/, test/ "
@@ -446,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_data)
 
+
+def _add_features(sub) -> None:
     p = sub.add_parser("features", help="FD feature spaces: list them, or run a sanity ladder on real images",
                        description="`features list`: the registered feature spaces. `features ladder`: FD of real images "
                        "against a reference under growing noise, blur, a colour shift and mode collapse (docs/shapes.md).")
@@ -461,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=_cmd_features)
 
+
+def _add_schema(sub) -> None:
     p = sub.add_parser("schema", help="print the JSON Schema of the recipe format (for editors that complete and check YAML)",
                        description="Print the JSON Schema (draft 2020-12) of distillation recipes (`stepdistill distill`) or "
                        "teacher recipes (`stepdistill train-teacher`): types, choices, numeric ranges, defaults, and no "
@@ -468,6 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "schema setting at it (or a `# yaml-language-server: $schema=recipe.schema.json` first line).")
     p.add_argument("--kind", choices=["distill", "teacher"], default="distill", help="which recipe format (default: distill)")
     p.set_defaults(func=_cmd_schema)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepdistill",
+        description="Diffusion step distillation: few-step students from multi-step teachers, as diffusers pipelines.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for add in (_add_train_teacher, _add_distill, _add_hybrid, _add_plan, _add_curve, _add_train_classifier, _add_bench,
+                _add_export, _add_sample, _add_eval, _add_data, _add_features, _add_schema):
+        add(sub)  # one function per subcommand, above
     return parser
 
 
