@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import StepdistillError
 from .data import IMAGE_SIZE, NUM_CLASSES, load_split
 
 CLASSIFIER_WEIGHTS = Path(__file__).resolve().parent / "weights" / "classifier.safetensors"
@@ -134,14 +133,9 @@ def train_classifier(
 
 def load_classifier_from(path: str | os.PathLike) -> DigitsClassifier:
     """A classifier from a safetensors file, in eval mode."""
-    from safetensors.torch import load_file
+    from ..evaluation.features import load_frozen
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise StepdistillError(f"digits classifier weights not found: {path}")
-    model = DigitsClassifier()
-    model.load_state_dict(load_file(path))
-    return model.eval().requires_grad_(False)
+    return load_frozen(DigitsClassifier(), path, "digits classifier")
 
 
 @lru_cache(maxsize=1)

@@ -48,6 +48,18 @@ def check_feature_network(feature: nn.Module) -> None:
 
 
 @torch.no_grad()
+def load_frozen(module: nn.Module, path: str | os.PathLike, what: str) -> nn.Module:
+    """``module`` with the weights of the safetensors file ``path``, in eval mode and frozen: a
+    benchmark's shipped network (``what`` names it in the error when the file is missing)."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise StepdistillError(f"{what} weights not found: {path}")
+    module.load_state_dict(load_file(path))
+    return module.eval().requires_grad_(False)
+
+
 def extract_features(images: torch.Tensor, feature: nn.Module, batch_size: int = 256) -> torch.Tensor:
     """Features float64 [N, num_features] of images [N, C, H, W] in [-1, 1], in fixed batches."""
     check_feature_network(feature)

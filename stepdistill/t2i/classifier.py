@@ -255,14 +255,9 @@ def train_classifier(
 
 def load_classifier_from(path: str | os.PathLike) -> AttributeClassifier:
     """A classifier from a safetensors file, in eval mode."""
-    from safetensors.torch import load_file
+    from ..evaluation.features import load_frozen
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise StepdistillError(f"t2i classifier weights not found: {path}")
-    model = AttributeClassifier()
-    model.load_state_dict(load_file(path))
-    return model.eval().requires_grad_(False)
+    return load_frozen(AttributeClassifier(), path, "t2i classifier")
 
 
 @lru_cache(maxsize=1)
