@@ -34,3 +34,12 @@ def test_bench_overhead_cli(capsys):
     out = capsys.readouterr().out
     assert "overhead: iteration / bare forward+backward =" in out and "optimizer step student" in out
     assert main(["bench", "overhead"]) == 2  # a recipe is required
+
+
+def test_a_staged_method_is_measured_on_its_first_stage():
+    """Progressive distillation (a StagedDistillation) through the same bench: its first halving's
+    iteration -- the 2N-step teacher's two no-grad steps, then the student's forward + backward."""
+    report = bench_overhead(ROOT / "configs" / "digits_progressive.yaml", set_items=["training.batch_size=8"], rounds=1, warmup=0)
+    calls = [(name, what.split()[0]) for name, what, _ in report.calls]
+    assert calls[-1] == ("student", "fwd+bwd") and calls[:-1] and all(c == ("teacher", "fwd") for c in calls[:-1])
+    assert set(report.optimizer) == {"student"} and report.iteration > 0
