@@ -39,19 +39,15 @@ def register_method(name: str, target: str) -> None:
     METHODS[name] = MethodEntry(name, target)
 
 
-_D = "stepdistill.distillers."
-register_method("dmd", _D + "distribution_matching:DMD")
-register_method("dmd2", _D + "distribution_matching:DMD2")
-register_method("lcm", _D + "consistency:LCM")
-register_method("pcm", _D + "consistency:PCM")
-register_method("progressive", _D + "progressive:ProgressiveDistillation")
-register_method("reflow", _D + "reflow:ReflowDistillation")
-register_method("sds", _D + "score_distillation:SDS")
-register_method("vsd", _D + "score_distillation:VSD")
-register_method("sid", _D + "score_distillation:SiD")
-register_method("sida", _D + "score_distillation:SiDA")
-register_method("guidance", _D + "guidance:GuidanceDistillation")
-register_method("agd", _D + "guidance:AdapterGuidanceDistillation")
+BUILT_IN = {  # method -> its class in stepdistill.distillers (one file per family)
+    "dmd": "distribution_matching:DMD", "dmd2": "distribution_matching:DMD2",
+    "lcm": "consistency:LCM", "pcm": "consistency:PCM",
+    "progressive": "progressive:ProgressiveDistillation", "reflow": "reflow:ReflowDistillation",
+    "sds": "score_distillation:SDS", "vsd": "score_distillation:VSD", "sid": "score_distillation:SiD", "sida": "score_distillation:SiDA",
+    "guidance": "guidance:GuidanceDistillation", "agd": "guidance:AdapterGuidanceDistillation",
+}
+for _name, _target in BUILT_IN.items():
+    register_method(_name, "stepdistill.distillers." + _target)
 
 
 def method_entry(name: Any) -> MethodEntry:
