@@ -82,4 +82,4 @@ def test_data_shapes_cli(tmp_path, capsys):
     assert main(["data", "shapes", str(out), "--num-images", "3", "--seed", "2", "--size", "8"]) == 0
     assert len(_pngs(out)) == 3 and "written to" in capsys.readouterr().out
     assert main(["data", "shapes", str(out), "--num-images", "3"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"stepdistill data: error: {out} is not empty: choose another folder or pass --overwrite"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"stepdistill data: error: output directory {out} is not empty (pass overwrite=True / --overwrite to replace it)"]
