@@ -53,6 +53,7 @@ from ..atomic import write_json, write_text
 from ..errors import StepdistillError
 from ..evaluation.latency import synchronize
 from ..export import LORA_WEIGHT_NAME
+from ..model_card import portable_path
 from .data import ATTRIBUTES, SIZE, eval_prompts, parse_caption, render
 
 DEFAULT_STEPS = (1, 2, 4, 10, 50)
@@ -417,7 +418,7 @@ def format_comparison(results: dict[str, dict]) -> str:
     lines.append("| real images (noise floor) | – " + _floor_cells(first["noise_floor"]))
     lines.append("")
     lines.append(f"N = {first['n']} seen-prompt samples per row ({first['num_prompts']} prompts x {first['samples_per_prompt']} seeds, "
-                 f"seed {first['seed']}), {first['heldout_n']} held-out; " + "; ".join(f"{name}: {result['pipeline']}" for name, result in results.items()))
+                 f"seed {first['seed']}), {first['heldout_n']} held-out; " + "; ".join(f"{name}: {portable_path(result['pipeline'])}" for name, result in results.items()))
     return "\n".join(lines)
 
 
