@@ -50,6 +50,12 @@ def prompt_conditions(prompts: list[str], samples_per_prompt: int) -> Conditions
     return Conditions(groups=groups, prompts=[prompts[int(g)] for g in groups])
 
 
+def prompt_groups(prompts: list[str]) -> torch.Tensor:
+    """The group of each sample of a prompt list: samples with the same prompt text share one."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(p, len(ids)) for p in prompts])
+
+
 def label_conditions(labels: torch.Tensor) -> Conditions:
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.numel() == 0:

@@ -78,12 +78,11 @@ def make_evaluator(reference: Reference, **score_kwargs):
     through :func:`score_images` (the numbers ``stepdistill eval`` reports for the same samples).
     Metrics that do not apply (``None``) are left out.
     """
-    from .conditions import Conditions, label_conditions, unconditional
+    from .conditions import Conditions, label_conditions, prompt_groups, unconditional
 
     def evaluate(images: torch.Tensor, labels: torch.Tensor | list[str] | None) -> dict[str, float]:
         if isinstance(labels, list):  # a text-to-image student's prompts: samples grouped by prompt text
-            ids: dict[str, int] = {}
-            conditions = Conditions(groups=torch.tensor([ids.setdefault(p, len(ids)) for p in labels]), prompts=labels)
+            conditions = Conditions(groups=prompt_groups(labels), prompts=labels)
         else:
             conditions = label_conditions(labels) if labels is not None else unconditional(images.shape[0])
         scores = score_images(images, conditions, reference, **score_kwargs)

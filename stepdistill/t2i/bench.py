@@ -248,8 +248,9 @@ def score_samples(images: torch.Tensor, prompts: list[str], groups: torch.Tensor
     if images.shape[0] != len(prompts):
         raise StepdistillError(f"got {images.shape[0]} images for {len(prompts)} prompts")
     if groups is None:
-        ids: dict[str, int] = {}
-        groups = torch.tensor([ids.setdefault(p, len(ids)) for p in prompts])
+        from ..evaluation.conditions import prompt_groups
+
+        groups = prompt_groups(prompts)
     reference = reference_features(reference_count)
     features = extract_features(images, feature_module())
     scores = _accuracy(classify_features(features), prompts)
